@@ -1,0 +1,121 @@
+"""The ``auxframe`` command: ``run``, ``list`` and ``describe``.
+
+This module imports only the standard library at import time; torch is imported by the commands
+that need it, so ``auxframe --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="auxframe",
+        description="Auxiliary learning: train a main task better with auxiliary tasks.",
+        epilog="Example: auxframe run --gin gin_configs/quickstart.gin --gin-param 'train.steps=200'",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="train the experiment described by gin files")
+    run.add_argument("--gin", action="append", required=True, metavar="FILE",
+                     help="gin config file (repeatable; later files override earlier ones)")
+    run.add_argument("--gin-param", action="append", default=[], metavar="BINDING",
+                     help="extra gin binding, e.g. 'train.steps=2000' (repeatable; applied last)")
+    run.add_argument("--run-dir", metavar="DIR",
+                     help="where the run's files go (default: runs/<config name>-<time>)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --run-dir from its latest checkpoint")
+
+    ls = sub.add_parser("list", help="list every plugin the registry found, with its package")
+    ls.add_argument("kind", nargs="?", help="only this kind (backbones, heads, datasets, ...)")
+
+    desc = sub.add_parser("describe", help="show a plugin's documentation and parameters")
+    desc.add_argument("plugin", metavar="KIND.NAME", help="e.g. backbones.small_cnn")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from auxframe.errors import AuxframeError
+
+    try:
+        return {"run": _run, "list": _list, "describe": _describe}[args.command](args)
+    except AuxframeError as err:
+        print(f"auxframe: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as stop:
+        print(f"auxframe: {stop or 'interrupted'}. Continue with --resume.", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from auxframe import config
+
+    if args.resume and not args.run_dir:
+        print("auxframe: error: --resume needs --run-dir (the run to continue).", file=sys.stderr)
+        return 2
+    config.parse(args.gin, args.gin_param)
+    from auxframe.experiment import train
+
+    run_dir = args.run_dir or str(Path("runs") / f"{Path(args.gin[-1]).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = train(run_dir=run_dir, resume=args.resume)
+    print(
+        f"main task '{result['main_task']}': test {result['main_metric']} = {result['test']:.4f} "
+        f"(validation {result['val']:.4f}) after {result['steps']} steps in {result['wall_time_s']:.1f}s"
+    )
+    print(f"run directory: {result['run_dir']}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from auxframe.registry import registry
+
+    rows = []
+    for info, _obj, err in registry.load_all(args.kind):
+        status = "ok" if err is None else f"broken: {getattr(err, 'cause', err)}"
+        if err is not None and "more than one package" in str(err):
+            status = f"broken: {err}"
+        rows.append((info.name, info.kind, info.dist, info.version, status))
+    if not rows:
+        print(f"no plugins found{' of kind ' + args.kind if args.kind else ''}")
+        return 0
+    header = ("NAME", "KIND", "PACKAGE", "VERSION", "STATUS")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
+    for r in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r[:4], widths)) + "  " + str(r[4]))
+    return 0
+
+
+def _describe(args: argparse.Namespace) -> int:
+    import inspect
+
+    from auxframe.errors import PluginError
+    from auxframe.registry import plugin_parameters, registry
+
+    if "." not in args.plugin:
+        raise PluginError(f"name a plugin as KIND.NAME, e.g. backbones.small_cnn (got '{args.plugin}').")
+    kind, name = args.plugin.split(".", 1)
+    registry._check_kind(kind)  # noqa: SLF001 - same validation, same message
+    info = registry.info(kind, name)
+    obj = registry.get(kind, name)
+    print(f"{kind}.{name}  ({info.value}, package {info.dist} {info.version})")
+    print(f"gin: @{kind}.{name}")
+    print()
+    print(inspect.getdoc(obj) or "(no docstring)")
+    params = plugin_parameters(obj)
+    if params:
+        print()
+        print("Parameters:")
+        for pname, default in params:
+            shown = "(required)" if default is inspect.Parameter.empty else f"= {default!r}"
+            print(f"  {pname} {shown}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

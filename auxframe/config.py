@@ -1,0 +1,141 @@
+"""Parsing gin files and bindings, with plugins loaded on demand.
+
+Before gin parses anything, the files (and the files they ``include``) and the bindings are scanned
+for plugin references such as ``@backbones.small_cnn`` or ``heads.classification.hidden``; exactly
+those plugins are loaded from the registry and registered in gin. An unknown plugin name is reported
+with its file and line and the closest existing name. Unknown parameters are errors
+(``skip_unknown=False``), reported with gin's file and line.
+
+Includes are resolved relative to the including file's folder and to the ``gin_configs`` folder
+that holds it, so ``include 'base/train.gin'`` works from any working directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Sequence
+
+import gin
+from gin import config as gin_config
+
+from auxframe.errors import ConfigError, PluginError
+from auxframe.registry import KINDS, registry
+
+_REFERENCE = re.compile(r"(?<![\w.])(" + "|".join(KINDS) + r")\.([A-Za-z_]\w*)")
+_INCLUDE = re.compile(r"^\s*include\s+['\"]([^'\"]+)['\"]")
+
+
+def search_paths(gin_files: Sequence[str | Path]) -> list[Path]:
+    """Folders searched for included files: each file's folder and its enclosing ``gin_configs``."""
+    paths: list[Path] = [Path.cwd()]
+    for f in gin_files:
+        f = Path(f).resolve()
+        for parent in f.parents:
+            if parent not in paths and (parent == f.parent or parent.name == "gin_configs"):
+                paths.append(parent)
+    return paths
+
+
+def _resolve_include(name: str, paths: Sequence[Path]) -> Path | None:
+    p = Path(name)
+    if p.is_absolute():
+        return p if p.is_file() else None
+    for base in paths:
+        if (base / p).is_file():
+            return base / p
+    return None
+
+
+def scan_references(gin_files: Sequence[str | Path], bindings: Sequence[str]) -> list[tuple[str, str, str]]:
+    """``(kind, name, where)`` for every plugin named in the files, their includes and the bindings."""
+    paths = search_paths(gin_files)
+    refs: list[tuple[str, str, str]] = []
+    seen_files: set[Path] = set()
+
+    def scan_text(text: str, label: str) -> None:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            code = line.split("#", 1)[0]
+            m = _INCLUDE.match(code)
+            if m:
+                inc = _resolve_include(m.group(1), paths)
+                if inc is None:
+                    raise ConfigError(
+                        f"{label}:{lineno}: include '{m.group(1)}' not found; searched "
+                        f"{', '.join(str(p) for p in paths)}."
+                    )
+                scan_file(inc)
+                continue
+            for kind, name in _REFERENCE.findall(code):
+                refs.append((kind, name, f"{label}:{lineno}"))
+
+    def scan_file(path: Path) -> None:
+        path = path.resolve()
+        if path in seen_files:
+            return
+        seen_files.add(path)
+        scan_text(path.read_text(), str(path))
+
+    for f in gin_files:
+        scan_file(Path(f))
+    for i, b in enumerate(bindings):
+        scan_text(b, f"--gin-param #{i + 1} ({b!r})")
+    return refs
+
+
+def parse(gin_files: Sequence[str | Path], bindings: Sequence[str] = (), finalize: bool = True) -> None:
+    """Parse gin files then bindings, loading exactly the plugins they name.
+
+    Raises:
+        ConfigError: a missing file, an unknown plugin, configurable or parameter, or bad syntax.
+        PluginLoadError: a plugin the config names fails to load.
+    """
+    import auxframe.experiment  # noqa: F401 - registers train, Task, TaskGraph, optimizers with gin
+
+    for f in gin_files:
+        if not Path(f).is_file():
+            raise ConfigError(f"gin file {f} does not exist (looked from {Path.cwd()}).")
+    try:
+        registry.load_referenced(scan_references(gin_files, bindings))
+    except PluginError as err:
+        if type(err) is PluginError:  # unknown or ambiguous name: a config mistake
+            raise ConfigError(str(err)) from None
+        raise
+    for p in search_paths(gin_files):
+        if str(p) not in gin_config._LOCATION_PREFIXES:  # noqa: SLF001
+            gin.add_config_file_search_path(str(p))
+    quiet = _DropGinPathProbes()
+    logging.getLogger().addFilter(quiet)
+    try:
+        gin.parse_config_files_and_bindings(
+            [str(f) for f in gin_files], list(bindings), finalize_config=finalize, skip_unknown=False
+        )
+    except (ValueError, KeyError, TypeError, SyntaxError, ImportError, IOError) as exc:
+        raise ConfigError(_gin_message(exc)) from exc
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+class _DropGinPathProbes(logging.Filter):
+    """gin logs an error for every search path it probes while looking for an include; drop those."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Path not found")
+
+
+def _gin_message(exc: BaseException) -> str:
+    msg = str(exc).strip().strip('"')
+    if isinstance(exc, KeyError) and msg.startswith("'") and msg.endswith("'"):
+        msg = msg[1:-1]
+    return msg.replace("\\n", "\n")
+
+
+def operative_config() -> str:
+    return gin.operative_config_str()
+
+
+def reset() -> None:
+    """Clear every gin binding (between runs in one process, and in tests)."""
+    gin.clear_config()
+

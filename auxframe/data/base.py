@@ -1,0 +1,118 @@
+"""What a dataset plugin returns: images plus named label fields, fetched a batch at a time.
+
+A dataset plugin (entry-point group ``auxframe.datasets``) is a factory returning an
+:class:`ImageDataset`. Each dataset names its label *fields* (e.g. digits has ``digit``, ``parity``
+and ``ge5``); a task picks its labels by field name. The splitter stratifies on ``main_field``.
+
+In-memory datasets subclass :class:`TensorImageDataset`, whose ``get_batch`` is one indexing
+operation. Datasets too large for memory implement ``__getitem__`` and inherit the default
+``get_batch``, which stacks single examples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class LabelField:
+    """One kind of label a dataset carries.
+
+    Attributes:
+        num_classes: number of classes (labels are int64 in ``[0, num_classes)``, ``-1`` = missing).
+        description: what the label means, shown by ``auxframe describe``.
+    """
+
+    num_classes: int
+    description: str = ""
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Base class of dataset plugins' return values.
+
+    Subclasses set ``fields``, ``main_field`` and ``input_shape`` and implement ``__len__``,
+    ``targets`` and either ``get_batch`` or ``__getitem__``.
+
+    Attributes:
+        fields: label fields by name.
+        main_field: the field the low-data splitter stratifies on (usually the main task's).
+        input_shape: ``(channels, height, width)`` of one image.
+    """
+
+    fields: dict[str, LabelField]
+    main_field: str
+    input_shape: tuple[int, int, int]
+
+    def targets(self, field: str) -> np.ndarray:
+        """Labels of every example for ``field`` (int64 array of length ``len(self)``)."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Images ``(B, C, H, W)`` float32 and a dict field -> labels ``(B,)`` int64."""
+        items = [self[int(i)] for i in indices]
+        images = torch.stack([img for img, _ in items])
+        labels = {f: torch.stack([torch.as_tensor(lab[f]) for _, lab in items]) for f in self.fields}
+        return images, labels
+
+    def field(self, name: str) -> LabelField:
+        """The field called ``name``; a clear error lists the fields that exist."""
+        from auxframe.errors import DataError
+
+        if name not in self.fields:
+            raise DataError(
+                f"{type(self).__name__} has no label field '{name}'; its fields are: "
+                f"{', '.join(sorted(self.fields))}. Set the task's `labels` to one of them."
+            )
+        return self.fields[name]
+
+
+class TensorImageDataset(ImageDataset):
+    """An in-memory dataset: one image tensor and one label tensor per field.
+
+    Args:
+        images: ``(N, C, H, W)`` float tensor.
+        labels: field name -> ``(N,)`` int64 tensor.
+        fields: field name -> :class:`LabelField`; must have the same keys as ``labels``.
+        main_field: the field to stratify on.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: dict[str, torch.Tensor],
+        fields: dict[str, LabelField],
+        main_field: str,
+    ):
+        if images.ndim != 4:
+            raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+        if set(labels) != set(fields):
+            raise ValueError(f"labels {sorted(labels)} and fields {sorted(fields)} differ")
+        if main_field not in fields:
+            raise ValueError(f"main_field '{main_field}' is not one of {sorted(fields)}")
+        for name, lab in labels.items():
+            if lab.shape != (images.shape[0],):
+                raise ValueError(f"labels '{name}' must have shape ({images.shape[0]},)")
+        self.images = images.float().contiguous()
+        self.labels = {k: v.long().contiguous() for k, v in labels.items()}
+        self.fields = dict(fields)
+        self.main_field = main_field
+        self.input_shape = tuple(images.shape[1:])
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def targets(self, field: str) -> np.ndarray:
+        self.field(field)
+        return self.labels[field].numpy()
+
+    def __getitem__(self, index: int):
+        return self.images[index], {k: v[index] for k, v in self.labels.items()}
+
+    def get_batch(self, indices: torch.Tensor):
+        return self.images[indices], {k: v[indices] for k, v in self.labels.items()}

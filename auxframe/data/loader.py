@@ -1,0 +1,85 @@
+"""Infinite, seeded, resumable batches from one pool of a split.
+
+The order of examples is a pure function of ``(seed, epoch)``, so a loader's whole state is two
+integers: a resumed run draws exactly the batches the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from auxframe.data.base import ImageDataset
+from auxframe.errors import DataError
+
+
+class PoolLoader(Iterator):
+    """Batches of ``dataset[indices]``, reshuffled every epoch, forever.
+
+    Args:
+        dataset: the dataset to read.
+        indices: which examples form the pool.
+        batch_size: examples per batch; a pool smaller than this gives whole-pool batches.
+        seed: seeds the shuffling (together with the epoch number).
+        shuffle: shuffle every epoch (False: fixed order).
+        name: the pool's name, for error messages.
+    """
+
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        indices: np.ndarray,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        name: str = "pool",
+    ):
+        if len(indices) == 0:
+            raise DataError(f"the '{name}' pool is empty; tasks that read it cannot draw batches.")
+        if batch_size < 1:
+            raise DataError(f"batch size for pool '{name}' must be >= 1, got {batch_size}.")
+        self.dataset = dataset
+        self.indices = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        self.batch_size = min(int(batch_size), len(self.indices))
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.position = 0
+        self._order = self._make_order()
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.indices) // self.batch_size
+
+    def _make_order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return self.indices
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return self.indices[torch.randperm(len(self.indices), generator=g)]
+
+    def __next__(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.position + self.batch_size > len(self._order):  # drop the ragged end of an epoch
+            self.epoch += 1
+            self.position = 0
+            self._order = self._make_order()
+        batch = self._order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return self.dataset.get_batch(batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed = int(state["seed"])
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self._order = self._make_order()
+
+
+def iterate_once(dataset: ImageDataset, indices: np.ndarray, batch_size: int):
+    """Batches over ``dataset[indices]`` in order, once (for evaluation)."""
+    idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+    for start in range(0, len(idx), batch_size):
+        yield dataset.get_batch(idx[start : start + batch_size])

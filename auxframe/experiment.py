@@ -1,0 +1,289 @@
+"""The injection root: ``train`` builds an experiment from gin and runs it.
+
+``train`` is the one ``@gin.configurable`` function; everything else it receives (dataset, split,
+tasks, backbone, weighting, optimizer) is built by gin from registered classes and plugins. Order:
+
+1. check the run directory (before any work), 2. build data, tasks and model and validate them with
+one dry forward pass per batch group, 3. only then create the run directory and write the config,
+4. train, evaluate, write ``metrics.json``.
+
+A failure in steps 1-2 leaves nothing on disk.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import gin
+import numpy as np
+import torch
+import torch.nn as nn
+
+from auxframe import rundir
+from auxframe.data.splits import LowDataSplit
+from auxframe.errors import ConfigError, DataError, TaskGraphError
+from auxframe.loggers import ScalarLog, WandbLogger
+from auxframe.models.multitask import MultiTaskModel
+from auxframe.registry import registry
+from auxframe.tasks import Task, TaskGraph, batch_groups
+from auxframe.trainer import ResolvedTask, Schedule, Trainer
+from auxframe.weighting.base import Weighting, WeightingSetup
+
+
+@gin.configurable(denylist=["run_dir", "resume"])
+def train(
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    *,
+    dataset: Any = None,
+    tasks: TaskGraph | None = None,
+    backbone: Callable[..., nn.Module] | None = None,
+    split: LowDataSplit | None = None,
+    weighting: Weighting | None = None,
+    optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+    scheduler: Callable[..., Any] | None = None,
+    steps: int = 1_000,
+    batch_size: int = 32,
+    pool_batch_sizes: Mapping[str, int] | None = None,
+    eval_every: int = 0,
+    eval_batch_size: int = 512,
+    log_every: int = 10,
+    checkpoint_every: int = 0,
+    keep_checkpoints: int = 3,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+    wandb: WandbLogger | None = None,
+) -> dict[str, Any]:
+    """Build the experiment described by the gin config and train it.
+
+    Args:
+        run_dir: where the run's files go (None: train without writing anything).
+        resume: continue the run in ``run_dir`` from its latest checkpoint.
+        dataset: the dataset, e.g. ``@datasets.digits()``.
+        tasks: the task graph, ``@TaskGraph()``.
+        backbone: backbone factory, e.g. ``@backbones.small_cnn`` (called with ``input_shape``).
+        split: the low-data splitter, ``@LowDataSplit()`` (default: its defaults).
+        weighting: the weighting algorithm, e.g. ``@weightings.equal()`` (default: equal).
+        optimizer: optimizer factory, e.g. ``@torch.optim.Adam`` (default: Adam, lr 1e-3).
+        scheduler: optional learning-rate scheduler factory taking the optimizer, stepped per step.
+        steps: number of inner steps.
+        batch_size: batch size of every pool.
+        pool_batch_sizes: per-pool overrides, e.g. ``{'train': 128}`` for a self-supervised task.
+        eval_every: evaluate on the validation split every this many steps (0: only at the end).
+        eval_batch_size: batch size for evaluation.
+        log_every: log training scalars every this many steps.
+        checkpoint_every: checkpoint every this many steps (0: only at the end).
+        keep_checkpoints: how many checkpoints to keep.
+        seed: seeds model initialisation, data order and signals (the split has its own seed).
+        device: ``'auto'`` (CUDA when present, else CPU), ``'cpu'``, ``'cuda'``, ``'cuda:1'``, ...
+        progress: show a progress bar.
+        wandb: the W&B logger settings (default: offline, project ``auxframe``).
+
+    Returns:
+        The final metrics (also written to ``run_dir/metrics.json``).
+    """
+    _require(dataset, "dataset", "@datasets.digits()", "gin_configs/datasets/digits.gin")
+    _require(tasks, "tasks", "@TaskGraph()", "gin_configs/tasks/digits_attributes.gin")
+    _require(backbone, "backbone", "@backbones.small_cnn", "gin_configs/models/small_cnn.gin")
+    _check_positive(steps=steps, batch_size=batch_size, log_every=log_every, eval_batch_size=eval_batch_size)
+    run = rundir.RunDir(run_dir, resume, gin.config_str()) if run_dir is not None else None
+    resume_state = run.resume_state() if run is not None else None
+
+    device_ = resolve_device(device)
+    seed_everything(seed)
+    split_ = (split or LowDataSplit())(dataset)
+    resolved = resolve_tasks(tasks, dataset)
+    model = build_model(backbone, tasks, resolved, dataset).to(device_)
+    weighting = weighting if weighting is not None else registry.get("weightings", "equal")()
+    schedule = Schedule(steps, batch_size, dict(pool_batch_sizes or {}), eval_every, eval_batch_size,
+                        log_every, checkpoint_every, keep_checkpoints)
+    main_pool = split_.pool(tasks.main.pool)
+    weighting.setup(WeightingSetup(
+        main_task=tasks.main.name, aux_tasks=[t.name for t in tasks.aux], model=model,
+        shared_parameters=model.shared_parameters(), device=device_, total_steps=steps,
+        steps_per_epoch=max(1, len(main_pool) // min(schedule.pool_batch_sizes.get(tasks.main.pool, batch_size), len(main_pool))),
+        has_aux_set=len(split_.aux) > 0,
+    ))
+    if weighting.outer_every and len(split_.aux) == 0:
+        raise ConfigError(
+            f"weighting {type(weighting).__name__} takes outer steps on the held-out auxiliary set, but the "
+            f"split has none. Set `LowDataSplit.aux_per_class` (e.g. 5) or `LowDataSplit.aux_fraction`."
+        )
+    optimizer_ = (optimizer or gin.get_configurable("torch.optim.Adam"))(
+        list(model.parameters()) + list(weighting.inner_parameters())
+    )
+    scheduler_ = scheduler(optimizer_) if scheduler is not None else None
+
+    loggers: list[Any] = []
+    wandb_logger = wandb or WandbLogger()
+    if run is not None:
+        run.create()
+        loggers.append(ScalarLog(run.path))
+        wandb_id = wandb_logger.start(run.path, run.path.name, run.config_dict(), run.wandb_id())
+        run.record_wandb_id(wandb_id)
+        loggers.append(wandb_logger)
+    trainer = Trainer(
+        model, tasks, resolved, dataset, split_, weighting, optimizer_, scheduler_, schedule, device_,
+        seed=seed, run_dir=run.path if run else None, loggers=loggers, progress=progress,
+    )
+    if resume_state is not None:
+        trainer.load_state_dict(resume_state)
+    try:
+        if run is not None:
+            run.write_operative_config()
+        result = trainer.fit()
+        if run is not None:
+            run.write_operative_config()
+            result["run_dir"] = str(run.path)
+        return result
+    finally:
+        for lg in loggers:
+            lg.close()
+        if run is not None:
+            run.release()
+
+
+# -- building blocks (usable from Python without gin) -----------------------------------------------
+def resolve_device(device: str) -> torch.device:
+    """``'auto'`` picks CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device = '{device}' but CUDA is not available; use 'auto' or 'cpu'.")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _plugin(kind: str, value: Any) -> Any:
+    return registry.get(kind, value) if isinstance(value, str) else value
+
+
+def resolve_tasks(graph: TaskGraph, dataset: Any) -> dict[str, ResolvedTask]:
+    """Resolve every task's plugins and output size against the dataset."""
+    out = {}
+    for t in graph.tasks:
+        if t.labels is not None:
+            if t.labels not in dataset.fields:
+                raise TaskGraphError(
+                    f"task '{t.name}' reads labels '{t.labels}', which {type(dataset).__name__} does not "
+                    f"have; its label fields are: {', '.join(sorted(dataset.fields))}."
+                )
+            num_outputs = dataset.fields[t.labels].num_classes
+        else:
+            num_outputs = getattr(t.signal, "num_classes", None)
+            if not isinstance(num_outputs, int):
+                raise TaskGraphError(f"signal of task '{t.name}' has no integer `num_classes` attribute.")
+        out[t.name] = ResolvedTask(
+            t.name, t.labels, t.signal, t.pool, _plugin("losses", t.loss), _plugin("metrics", t.metric), num_outputs
+        )
+    return out
+
+
+def build_model(backbone: Callable, graph: TaskGraph, tasks: Mapping[str, ResolvedTask], dataset: Any) -> MultiTaskModel:
+    """Backbone + one head per task, checked by one dry forward pass per batch group."""
+    net = backbone(input_shape=tuple(dataset.input_shape))
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"the backbone factory {backbone!r} returned {type(net).__name__}, not an nn.Module.")
+    feature_shape = _dry_forward(net, dataset.input_shape)
+    heads = {}
+    for t in graph.tasks:
+        head = _plugin("heads", t.head)(feature_shape=feature_shape, num_outputs=tasks[t.name].num_outputs)
+        if not isinstance(head, nn.Module):
+            raise ConfigError(f"the head of task '{t.name}' is {type(head).__name__}, not an nn.Module.")
+        heads[t.name] = head
+    model = MultiTaskModel(net, heads)
+    validate_outputs(model, graph, tasks, dataset)
+    return model
+
+
+@torch.no_grad()
+def _dry_forward(net: nn.Module, input_shape) -> tuple[int, ...]:
+    was = net.training
+    net.eval()
+    try:
+        feats = net(torch.zeros(2, *input_shape))
+    except Exception as exc:
+        raise ConfigError(f"the backbone fails on inputs of shape (B, {', '.join(map(str, input_shape))}): {exc}") from exc
+    finally:
+        net.train(was)
+    return tuple(feats.shape[1:])
+
+
+@torch.no_grad()
+def validate_outputs(model: MultiTaskModel, graph: TaskGraph, tasks: Mapping[str, ResolvedTask], dataset: Any) -> None:
+    """Check, before training, that every head's output fits its loss, labels and metric."""
+    was = model.training
+    model.eval()
+    idx = torch.arange(min(2, len(dataset)))
+    images, labels = dataset.get_batch(idx)
+    try:
+        for g in batch_groups(graph):
+            x, targets = images, {t: labels[tasks[t].labels] for t in g.tasks if tasks[t].labels}
+            if g.signal is not None:
+                x, y = g.signal(images, generator=None, train=False)
+                targets = {g.tasks[0]: y}
+            outputs = model(x, tasks=g.tasks)
+            for t in g.tasks:
+                _check_task_output(t, outputs[t], targets[t], tasks[t], x.shape[0])
+    finally:
+        model.train(was)
+
+
+def _check_task_output(name: str, output: torch.Tensor, target: torch.Tensor, task: ResolvedTask, batch: int) -> None:
+    what = (f"head output of shape {tuple(output.shape)} and labels of shape {tuple(target.shape)} "
+            f"({str(target.dtype).replace('torch.', '')})")
+    if output.shape[0] != batch:
+        raise TaskGraphError(f"task '{name}': the head returned batch size {output.shape[0]} for {batch} inputs.")
+    try:
+        loss = task.loss(output, target)
+    except Exception as exc:
+        raise TaskGraphError(
+            f"task '{name}': its loss fails on the {what}: {type(exc).__name__}: {exc}. Make the head's "
+            f"output match the loss and the labels (the head was asked for {task.num_outputs} outputs)."
+        ) from exc
+    if not isinstance(loss, torch.Tensor) or loss.ndim == 0 or loss.shape[0] != batch:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise TaskGraphError(
+            f"task '{name}': its loss returned {shape}; losses must be unreduced, with the batch ({batch}) "
+            f"as first dimension (e.g. reduction='none')."
+        )
+    try:
+        metric = task.metric()
+        metric.update(output, target)
+        metric.compute()
+    except Exception as exc:
+        raise TaskGraphError(f"task '{name}': its metric fails on the {what}: {type(exc).__name__}: {exc}.") from exc
+
+
+def _require(value: Any, name: str, example: str, include: str) -> None:
+    if value is None:
+        raise ConfigError(f"train.{name} is not set. Add `train.{name} = {example}` or include '{include}'.")
+
+
+def _check_positive(**values: int) -> None:
+    for name, v in values.items():
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"train.{name} must be a positive integer, got {v!r}.")
+
+
+gin.register(LowDataSplit, module=None)
+gin.register(Task, module=None)
+gin.register(TaskGraph, module=None)
+gin.register(WandbLogger, module=None)
+for _opt in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop):
+    gin.register(_opt, module="torch.optim")
+for _sched in (torch.optim.lr_scheduler.CosineAnnealingLR, torch.optim.lr_scheduler.StepLR,
+               torch.optim.lr_scheduler.MultiStepLR, torch.optim.lr_scheduler.LinearLR):
+    gin.register(_sched, module="torch.optim.lr_scheduler")
+_ = math  # (math is used by callers through this module's namespace in older configs)

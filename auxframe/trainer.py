@@ -1,0 +1,406 @@
+"""The generic training loop: inner steps, optional outer steps, evaluation, logs and checkpoints.
+
+``Trainer.fit`` reads top to bottom: for each step, :meth:`Trainer.inner_step` computes every
+task's unreduced loss on its batch, the weighting turns them into gradients, the optimizer steps;
+every ``outer_every`` steps the weighting takes its outer step; logs, evaluation and checkpoints
+happen on their own schedules. The trainer knows nothing about any particular weighting method.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal as signal_module
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from auxframe.checkpoint import save_checkpoint
+from auxframe.data.loader import PoolLoader, iterate_once
+from auxframe.errors import CheckpointError, TrainingError
+from auxframe.tasks import BatchGroup, TaskGraph, batch_groups
+from auxframe.weighting.base import StepContext, TaskLosses, Weighting
+
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class ResolvedTask:
+    """A task with its plugins resolved to callables.
+
+    Attributes:
+        name: task name.
+        labels: dataset label field, or None for a signal task.
+        signal: self-supervised signal, or None.
+        pool: split pool its training batches come from.
+        loss: ``fn(output, target) -> unreduced loss``.
+        metric: factory of a metric object (``update``/``compute``).
+        num_outputs: the head's output size.
+    """
+
+    name: str
+    labels: str | None
+    signal: Any
+    pool: str
+    loss: Callable
+    metric: Callable
+    num_outputs: int
+
+
+@dataclass
+class Schedule:
+    """How long and how often: steps, batch sizes, and the log/eval/checkpoint intervals."""
+
+    steps: int
+    batch_size: int
+    pool_batch_sizes: Mapping[str, int]
+    eval_every: int
+    eval_batch_size: int
+    log_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+
+
+class Trainer:
+    """Trains a multi-task model with a weighting algorithm.
+
+    Args:
+        model: the multi-task model (already on ``device``).
+        graph: the task graph.
+        tasks: resolved tasks by name.
+        dataset: the dataset every pool indexes.
+        split: the low-data split (``split.pool(name)`` gives indices).
+        weighting: the weighting algorithm, already set up.
+        optimizer: the model's optimizer.
+        scheduler: an optional learning-rate scheduler stepped once per inner step.
+        schedule: steps and intervals.
+        device: where to train.
+        seed: seeds the data order and the signals' randomness.
+        run_dir: where checkpoints, logs and metrics go (None: write nothing).
+        loggers: objects with ``log(step, scalars)`` (and optionally ``summary``/``close``).
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        graph: TaskGraph,
+        tasks: Mapping[str, ResolvedTask],
+        dataset: Any,
+        split: Any,
+        weighting: Weighting,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        schedule: Schedule,
+        device: torch.device,
+        seed: int = 0,
+        run_dir: str | Path | None = None,
+        loggers: Sequence[Any] = (),
+        progress: bool = True,
+        checkpoint_extra: Mapping[str, Any] | None = None,
+    ):
+        self.model, self.graph, self.tasks = model, graph, dict(tasks)
+        self.dataset, self.split, self.weighting = dataset, split, weighting
+        self.optimizer, self.scheduler, self.schedule = optimizer, scheduler, schedule
+        self.device, self.seed = device, seed
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.loggers, self.progress = list(loggers), progress
+        self.checkpoint_extra = dict(checkpoint_extra or {})
+        self.step = 0
+        self.groups = batch_groups(graph, weighting.tasks_needed())
+        self.loaders = {g.key: self._make_loader(g.pool, g.key, i) for i, g in enumerate(self.groups)}
+        self.signal_rngs = {g.key: torch.Generator().manual_seed(seed * 7919 + i) for i, g in enumerate(self.groups)}
+        self.aux_loader = None
+        if weighting.outer_every:
+            self.aux_loader = self._make_loader("aux", "aux_set", len(self.groups))
+        self.ctx = StepContext(
+            step=0,
+            model=model,
+            shared_parameters=list(model.shared_parameters()),
+            train_losses=self._next_train_losses,
+            aux_set_losses=self._next_aux_set_losses if self.aux_loader is not None else None,
+        )
+        self._stop_requested = False
+
+    # -- data ------------------------------------------------------------------------------------
+    def _make_loader(self, pool: str, key: str, index: int) -> PoolLoader:
+        bs = self.schedule.pool_batch_sizes.get(pool, self.schedule.batch_size)
+        return PoolLoader(self.dataset, self.split.pool(pool), bs, seed=self.seed * 104_729 + index, name=pool)
+
+    def _group_batch(self, group: BatchGroup, images: torch.Tensor, labels: dict, train: bool, rng=None):
+        """Inputs and per-task targets of one group's batch (applying its signal, if any)."""
+        if group.signal is not None:
+            images, target = group.signal(images, generator=rng, train=train)
+            targets = {group.tasks[0]: target}
+        else:
+            targets = {t: labels[self.tasks[t].labels] for t in group.tasks}
+        images = images.to(self.device, non_blocking=True)
+        return images, {t: y.to(self.device, non_blocking=True) for t, y in targets.items()}
+
+    def compute_losses(self, batches: Mapping[str, tuple]) -> TaskLosses:
+        """Unreduced losses of every needed task, given one raw batch per group."""
+        values: dict[str, torch.Tensor] = {}
+        for g in self.groups:
+            images, labels = batches[g.key]
+            x, targets = self._group_batch(g, images, labels, train=True, rng=self.signal_rngs[g.key])
+            outputs = self.model(x, tasks=g.tasks)
+            for t in g.tasks:
+                values[t] = self.tasks[t].loss(outputs[t], targets[t])
+        return TaskLosses(values, self.graph.main.name, [t.name for t in self.graph.aux], [g.tasks for g in self.groups])
+
+    def _next_train_losses(self) -> TaskLosses:
+        return self.compute_losses({g.key: next(self.loaders[g.key]) for g in self.groups})
+
+    def _next_aux_set_losses(self) -> TaskLosses:
+        images, labels = next(self.aux_loader)
+        main = self.graph.main.name
+        x = images.to(self.device, non_blocking=True)
+        y = labels[self.tasks[main].labels].to(self.device, non_blocking=True)
+        out = self.model(x, tasks=[main])
+        return TaskLosses({main: self.tasks[main].loss(out[main], y)}, main, [], [[main]])
+
+    # -- the loop --------------------------------------------------------------------------------
+    def inner_step(self) -> TaskLosses:
+        """One optimizer step on the weighted task losses; returns the step's losses."""
+        self.model.train()
+        self.ctx.step = self.step
+        self.ctx.extras.clear()
+        losses = self._next_train_losses()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.weighting.backward(losses, self.ctx)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.weighting.after_step(self.ctx)
+        return losses
+
+    def fit(self) -> dict[str, Any]:
+        """Train until ``schedule.steps``, evaluate on validation and test, return the metrics."""
+        s = self.schedule
+        start_time = time.perf_counter()
+        bar = self._progress_bar()
+        acc: dict[str, torch.Tensor] = {}
+        acc_n, interval_start = 0, time.perf_counter()
+        last_val: dict[str, float] = {}
+        with _StopOnSignal(self):
+            while self.step < s.steps and not self._stop_requested:
+                losses = self.inner_step()
+                self.step += 1
+                if self.weighting.outer_every and self.step % self.weighting.outer_every == 0:
+                    self.weighting.outer_step(self.ctx)
+                for t, v in losses.detached_means().items():
+                    acc[t] = acc[t] + v if t in acc else v
+                acc_n += 1
+                if self.step % s.log_every == 0 or self.step == s.steps:
+                    scalars = self._train_scalars(acc, acc_n, time.perf_counter() - interval_start)
+                    self._log(scalars)
+                    if bar is not None:
+                        bar.set_postfix_str(self._postfix(scalars, last_val), refresh=False)
+                    acc, acc_n, interval_start = {}, 0, time.perf_counter()
+                if s.eval_every and self.step % s.eval_every == 0 and self.step < s.steps:
+                    last_val = self.evaluate("val")
+                    self._log(last_val)
+                if s.checkpoint_every and self.step % s.checkpoint_every == 0:
+                    self.save()
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        if self._stop_requested:
+            path = self.save()
+            raise KeyboardInterrupt(f"stopped at step {self.step}; checkpoint written to {path}")
+        return self._finish(time.perf_counter() - start_time)
+
+    def _finish(self, wall_time: float) -> dict[str, Any]:
+        results = {"val": self.evaluate("val"), "test": self.evaluate("test")}
+        self._log({**results["val"], **results["test"]})
+        if self.run_dir is not None:
+            self.save()
+        main = self.graph.main.name
+        metric_name = next(iter(k.split("/")[-1] for k in results["test"] if k.startswith(f"test/{main}/") and not k.endswith("/loss")))
+        summary = {
+            "main_task": main,
+            "main_metric": metric_name,
+            "test": results["test"][f"test/{main}/{metric_name}"],
+            "val": results["val"][f"val/{main}/{metric_name}"],
+            "steps": self.step,
+            "wall_time_s": round(wall_time, 3),
+            "weights": self.weighting.weights(),
+            "metrics": {**results["val"], **results["test"]},
+        }
+        if self.run_dir is not None:
+            _write_json_atomic(self.run_dir / METRICS_FILE, summary)
+        for lg in self.loggers:
+            if hasattr(lg, "summary"):
+                lg.summary({k: v for k, v in summary.items() if k != "metrics"})
+        return summary
+
+    # -- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, pool: str) -> dict[str, float]:
+        """Per-task metrics and mean losses on a split pool, as ``{pool}/{task}/{metric}``."""
+        was_training = self.model.training
+        self.model.eval()
+        indices = self.split.pool(pool)
+        out: dict[str, float] = {}
+        for g in batch_groups(self.graph):
+            metrics = {t: self.tasks[t].metric() for t in g.tasks}
+            loss_sum = {t: 0.0 for t in g.tasks}
+            count = {t: 0 for t in g.tasks}
+            for images, labels in iterate_once(self.dataset, indices, self.schedule.eval_batch_size):
+                x, targets = self._group_batch(g, images, labels, train=False)
+                outputs = self.model(x, tasks=g.tasks)
+                for t in g.tasks:
+                    metrics[t].update(outputs[t], targets[t])
+                    loss = self.tasks[t].loss(outputs[t], targets[t])
+                    loss_sum[t] += float(loss.sum())
+                    count[t] += loss.numel()
+            for t in g.tasks:
+                for name, value in metrics[t].compute().items():
+                    out[f"{pool}/{t}/{name}"] = float(value)
+                out[f"{pool}/{t}/loss"] = loss_sum[t] / max(count[t], 1)
+        self.model.train(was_training)
+        return out
+
+    # -- logging ---------------------------------------------------------------------------------
+    def _train_scalars(self, acc: dict, n: int, seconds: float) -> dict[str, float]:
+        scalars = {f"train/{t}/loss": float(v) / n for t, v in acc.items()}
+        for t, v in scalars.items():
+            if not math.isfinite(v):
+                raise TrainingError(
+                    f"the loss of task '{t.split('/')[1]}' is {v} at step {self.step}. Lower the learning "
+                    f"rate or check the data; the last checkpoint is kept."
+                )
+        scalars.update(self.weighting.log_values())
+        scalars["time/step_ms"] = 1000.0 * seconds / n
+        scalars["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        return scalars
+
+    def _log(self, scalars: Mapping[str, float]) -> None:
+        for lg in self.loggers:
+            lg.log(self.step, scalars)
+
+    def _progress_bar(self):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        import sys
+
+        interactive = sys.stderr.isatty()
+        return tqdm(total=self.schedule.steps, initial=self.step, desc="train", unit="step",
+                    dynamic_ncols=True, mininterval=0.1 if interactive else 15.0)
+
+    def _postfix(self, scalars: Mapping[str, float], last_val: Mapping[str, float]) -> str:
+        main = self.graph.main.name
+        parts = [f"loss={scalars[f'train/{main}/loss']:.3f}"]
+        val = [(k.split("/")[-1], v) for k, v in last_val.items() if k.startswith(f"val/{main}/") and not k.endswith("/loss")]
+        if val:
+            parts.append(f"val_{val[0][0][:3]}={val[0][1]:.3f}")
+        ws = self.weighting.weights()
+        if ws:
+            parts.append("w=" + ",".join(f"{t}:{w:.2g}" for t, w in ws.items()))
+        return " ".join(parts)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: model, optimizer, weighting, data, RNG, step."""
+        return {
+            "step": self.step,
+            "graph": self.graph.signature(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "weighting": self.weighting.state_dict(),
+            "loaders": {k: v.state_dict() for k, v in self.loaders.items()},
+            "aux_loader": self.aux_loader.state_dict() if self.aux_loader is not None else None,
+            "signal_rngs": {k: g.get_state() for k, g in self.signal_rngs.items()},
+            "rng": _rng_state(),
+            **self.checkpoint_extra,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("graph") != self.graph.signature():
+            raise CheckpointError(
+                f"the checkpoint was written for another task graph ({state.get('graph')}); this run's "
+                f"graph is {self.graph.signature()}. Resume with the gin files of that run, or start a "
+                f"new run directory."
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.weighting.load_state_dict(state["weighting"])
+        for k, v in state["loaders"].items():
+            self.loaders[k].load_state_dict(v)
+        if self.aux_loader is not None and state.get("aux_loader") is not None:
+            self.aux_loader.load_state_dict(state["aux_loader"])
+        for k, s in state["signal_rngs"].items():
+            self.signal_rngs[k].set_state(s)
+        _set_rng_state(state["rng"])
+        self.step = int(state["step"])
+
+    def save(self) -> Path | None:
+        if self.run_dir is None:
+            return None
+        return save_checkpoint(self.run_dir, self.step, self.state_dict(), keep=self.schedule.keep_checkpoints)
+
+
+class _StopOnSignal:
+    """On SIGTERM/SIGINT, let the current step finish, then checkpoint and stop."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal_module.SIGTERM, signal_module.SIGINT):
+                self.previous[sig] = signal_module.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.trainer._stop_requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.trainer._stop_requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal_module.signal(sig, handler)
+        return False
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,197 @@
+"""The Weighting protocol: how every weighting algorithm meets the trainer.
+
+Fixed, loss-based, gradient-based and bilevel methods all implement this one class. The trainer
+calls, per inner step::
+
+    losses = TaskLosses(...)                 # unreduced per-task losses of this step
+    weighting.backward(losses, ctx)          # default: combine(losses, ctx).backward()
+    optimizer.step()
+    weighting.after_step(ctx)
+    if weighting.outer_every and step % weighting.outer_every == 0:
+        weighting.outer_step(ctx)            # bilevel methods: hypergradient on the aux set
+
+Everything a method needs is passed explicitly: :class:`WeightingSetup` once, :class:`StepContext`
+every step. A method that manipulates gradients (PCGrad) overrides :meth:`Weighting.backward`; a
+method with its own learnable weights trained with the model (Uncertainty) returns them from
+:meth:`Weighting.inner_parameters`; a method with an outer optimizer creates it in :meth:`setup` and
+saves it in :meth:`state_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+
+class TaskLosses:
+    """The per-task losses of one step, unreduced.
+
+    Args:
+        values: task name -> loss tensor with the batch as first dimension (``(B,)`` per sample,
+            ``(B, H, W)`` per pixel).
+        main_task: name of the main task.
+        aux_tasks: names of the auxiliary tasks present, in task-graph order.
+        groups: tuples of task names that were computed on the same batch; their per-sample
+            losses line up (see :meth:`per_sample`).
+
+    Example:
+        >>> total = losses.mean("digit") + 0.5 * losses.mean("parity")
+        >>> matrix = losses.per_sample(["digit", "parity"])     # (B, 2), same batch
+    """
+
+    def __init__(
+        self,
+        values: Mapping[str, torch.Tensor],
+        main_task: str,
+        aux_tasks: Sequence[str],
+        groups: Sequence[Sequence[str]] = (),
+    ):
+        self.values = dict(values)
+        self.main_task = main_task
+        self.aux_tasks = [t for t in aux_tasks if t in self.values]
+        self.groups = [tuple(g) for g in groups]
+        self._means: dict[str, torch.Tensor] = {}
+
+    @property
+    def names(self) -> list[str]:
+        """Main task first, then the auxiliary tasks."""
+        return [self.main_task, *self.aux_tasks]
+
+    def __getitem__(self, task: str) -> torch.Tensor:
+        return self.values[task]
+
+    def __contains__(self, task: str) -> bool:
+        return task in self.values
+
+    def mean(self, task: str) -> torch.Tensor:
+        """The scalar mean loss of ``task`` (computed once per step)."""
+        if task not in self._means:
+            self._means[task] = self.values[task].mean()
+        return self._means[task]
+
+    def means(self, tasks: Sequence[str] | None = None) -> torch.Tensor:
+        """Mean losses of ``tasks`` (default: main then auxiliary) as one vector."""
+        return torch.stack([self.mean(t) for t in (tasks or self.names)])
+
+    def per_sample(self, tasks: Sequence[str]) -> torch.Tensor:
+        """Losses of tasks computed on one batch, stacked as ``(B, len(tasks), ...)``.
+
+        Raises:
+            ValueError: if the tasks were computed on different batches.
+        """
+        if self.groups and not any(set(tasks) <= set(g) for g in self.groups):
+            raise ValueError(
+                f"tasks {list(tasks)} were computed on different batches (groups: {self.groups}); "
+                f"per-sample losses only line up within one group"
+            )
+        return torch.stack([self.values[t] for t in tasks], dim=1)
+
+    def detached_means(self) -> dict[str, torch.Tensor]:
+        """Per-task mean losses without gradient, for logging."""
+        return {t: self.mean(t).detach() for t in self.names}
+
+
+@dataclass
+class WeightingSetup:
+    """What a weighting learns about the experiment once, before training.
+
+    Attributes:
+        main_task: name of the main task.
+        aux_tasks: names of the auxiliary tasks, in task-graph order.
+        model: the multi-task model (``model.backbone``, ``model.heads``).
+        shared_parameters: the backbone's trainable parameters (a list).
+        device: where the model lives.
+        total_steps: the number of inner steps the run will take.
+        steps_per_epoch: inner steps per pass over the main task's labelled data.
+        has_aux_set: whether a held-out auxiliary set exists (bilevel methods need one).
+    """
+
+    main_task: str
+    aux_tasks: list[str]
+    model: nn.Module
+    shared_parameters: list[nn.Parameter]
+    device: torch.device
+    total_steps: int
+    steps_per_epoch: int
+    has_aux_set: bool = False
+
+
+@dataclass
+class StepContext:
+    """What a weighting can use during a step.
+
+    Attributes:
+        step: the inner step being taken (0-based).
+        model: the multi-task model.
+        shared_parameters: the backbone's trainable parameters.
+        train_losses: draws the next training batches and returns their :class:`TaskLosses`
+            with gradients (for methods that need extra batches, e.g. in an outer step).
+        aux_set_losses: draws the next batch of the held-out auxiliary set and returns the main
+            task's losses on it (None when the split has no auxiliary set).
+        extras: per-step quantities shared between methods and computed once (e.g. per-task
+            gradients); a cache keyed by name.
+    """
+
+    step: int
+    model: nn.Module
+    shared_parameters: list[nn.Parameter]
+    train_losses: Callable[[], TaskLosses]
+    aux_set_losses: Callable[[], TaskLosses] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Weighting:
+    """Base class of weighting algorithms. Subclasses override :meth:`combine` at least.
+
+    Attributes:
+        outer_every: run :meth:`outer_step` every this many inner steps; 0 for none.
+    """
+
+    outer_every: int = 0
+
+    def setup(self, info: WeightingSetup) -> None:
+        """Called once before training (and before :meth:`load_state_dict` on resume)."""
+        self.main_task = info.main_task
+        self.aux_tasks = list(info.aux_tasks)
+
+    def tasks_needed(self) -> list[str]:
+        """Tasks whose losses the trainer must compute each step (default: all)."""
+        return [self.main_task, *self.aux_tasks]
+
+    def inner_parameters(self) -> list[nn.Parameter]:
+        """Extra parameters trained by the model's optimizer (e.g. learned log-variances)."""
+        return []
+
+    def combine(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
+        """Combine the task losses into the scalar the model is trained on."""
+        raise NotImplementedError
+
+    def backward(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
+        """Put gradients into ``.grad`` of the parameters; returns the combined loss (detached)."""
+        total = self.combine(losses, ctx)
+        total.backward()
+        return total.detach()
+
+    def after_step(self, ctx: StepContext) -> None:
+        """Called after the optimizer step (e.g. to project weights, or update per epoch)."""
+
+    def outer_step(self, ctx: StepContext) -> None:
+        """Called every :attr:`outer_every` inner steps, when that is non-zero."""
+
+    def weights(self) -> dict[str, float]:
+        """The current weight of each task, for progress bars and logs."""
+        return {}
+
+    def log_values(self) -> dict[str, float]:
+        """Scalars for the loggers; by default ``weight/<task>`` for every weight."""
+        return {f"weight/{task}": float(w) for task, w in self.weights().items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly after a resume (tensors and plain values)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
