@@ -46,7 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return {"run": _run, "list": _list, "describe": _describe}[args.command](args)
     except AuxframeError as err:
-        print(f"auxframe: error: {err}", file=sys.stderr)
+        # gin appends "In call to configurable ..." to errors raised inside configurables; drop it.
+        message = "\n".join(ln for ln in str(err).splitlines() if not ln.startswith("  In call to configurable"))
+        print(f"auxframe: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
         print(f"auxframe: {stop or 'interrupted'}. Continue with --resume.", file=sys.stderr)

@@ -54,7 +54,7 @@ def scan_references(gin_files: Sequence[str | Path], bindings: Sequence[str]) ->
     refs: list[tuple[str, str, str]] = []
     seen_files: set[Path] = set()
 
-    def scan_text(text: str, label: str) -> None:
+    def scan_text(text: str, label: str, numbered: bool = True) -> None:
         for lineno, line in enumerate(text.splitlines(), 1):
             code = line.split("#", 1)[0]
             m = _INCLUDE.match(code)
@@ -68,7 +68,7 @@ def scan_references(gin_files: Sequence[str | Path], bindings: Sequence[str]) ->
                 scan_file(inc)
                 continue
             for kind, name in _REFERENCE.findall(code):
-                refs.append((kind, name, f"{label}:{lineno}"))
+                refs.append((kind, name, f"{label}:{lineno}" if numbered else label))
 
     def scan_file(path: Path) -> None:
         path = path.resolve()
@@ -80,7 +80,7 @@ def scan_references(gin_files: Sequence[str | Path], bindings: Sequence[str]) ->
     for f in gin_files:
         scan_file(Path(f))
     for i, b in enumerate(bindings):
-        scan_text(b, f"--gin-param #{i + 1} ({b!r})")
+        scan_text(b, f"--gin-param {b!r}", numbered=False)
     return refs
 
 

@@ -245,6 +245,13 @@ def _check_task_output(name: str, output: torch.Tensor, target: torch.Tensor, ta
             f"({str(target.dtype).replace('torch.', '')})")
     if output.shape[0] != batch:
         raise TaskGraphError(f"task '{name}': the head returned batch size {output.shape[0]} for {batch} inputs.")
+    class_labels = not target.is_floating_point() and output.ndim == target.ndim + 1
+    if class_labels and output.shape[1] != task.num_outputs:
+        raise TaskGraphError(
+            f"task '{name}': {what}: the head gives {output.shape[1]} scores per example but the labels "
+            f"have {task.num_outputs} classes. Use a head that honours `num_outputs` (it was asked for "
+            f"{task.num_outputs} outputs)."
+        )
     try:
         loss = task.loss(output, target)
     except Exception as exc:

@@ -194,7 +194,9 @@ class Trainer:
                 self.step += 1
                 if self.weighting.outer_every and self.step % self.weighting.outer_every == 0:
                     self.weighting.outer_step(self.ctx)
-                for t, v in losses.detached_means().items():
+                means = losses.detached_means()
+                self._check_finite(means)
+                for t, v in means.items():
                     acc[t] = acc[t] + v if t in acc else v
                 acc_n += 1
                 if self.step % s.log_every == 0 or self.step == s.steps:
@@ -269,14 +271,19 @@ class Trainer:
         return out
 
     # -- logging ---------------------------------------------------------------------------------
+    def _check_finite(self, means: Mapping[str, torch.Tensor]) -> None:
+        """Stop at the first step where a task loss is NaN or infinite, naming task and step."""
+        values = torch.stack(list(means.values()))
+        if bool(torch.isfinite(values).all()):
+            return
+        bad = [f"'{t}' ({float(v)})" for t, v in means.items() if not math.isfinite(float(v))]
+        raise TrainingError(
+            f"the loss of task {', '.join(bad)} is not finite at step {self.step}. Lower the learning "
+            f"rate or check the data and the loss; the last checkpoint is kept."
+        )
+
     def _train_scalars(self, acc: dict, n: int, seconds: float) -> dict[str, float]:
         scalars = {f"train/{t}/loss": float(v) / n for t, v in acc.items()}
-        for t, v in scalars.items():
-            if not math.isfinite(v):
-                raise TrainingError(
-                    f"the loss of task '{t.split('/')[1]}' is {v} at step {self.step}. Lower the learning "
-                    f"rate or check the data; the last checkpoint is kept."
-                )
         scalars.update(self.weighting.log_values())
         scalars["time/step_ms"] = 1000.0 * seconds / n
         scalars["train/lr"] = self.optimizer.param_groups[0]["lr"]

@@ -1,0 +1,122 @@
+"""Task-graph validation, batch grouping, and the checks made before anything trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from auxframe.data.digits import digits
+from auxframe.data.signals import Rotation
+from auxframe.errors import TaskGraphError
+from auxframe.experiment import build_model, resolve_tasks
+from auxframe.losses import cross_entropy
+from auxframe.models.backbones import SmallCNN
+from auxframe.tasks import Task, TaskGraph, batch_groups
+
+
+def graph(*tasks):
+    return TaskGraph(list(tasks))
+
+
+def test_one_main_task_and_k_aux():
+    g = graph(Task("digit", labels="digit", main=True), Task("parity", labels="parity"), Task("rot", signal=Rotation()))
+    assert g.main.name == "digit"
+    assert [t.name for t in g.aux] == ["parity", "rot"]
+    assert g.names == ["digit", "parity", "rot"]
+
+
+def test_k_zero_is_single_task():
+    g = graph(Task("digit", labels="digit", main=True))
+    assert g.aux == [] and g.names == ["digit"]
+
+
+@pytest.mark.parametrize(
+    "tasks, words",
+    [
+        ([Task("a", labels="digit"), Task("b", labels="parity")], ["exactly one main task", "found none"]),
+        ([Task("a", labels="digit", main=True), Task("b", labels="parity", main=True)], ["exactly one main", "a, b"]),
+        ([Task("a", labels="digit", main=True), Task("a", labels="parity")], ["two tasks are named 'a'"]),
+        ([Task("a", labels="digit", main=True, signal=Rotation())], ["both `labels` and `signal`"]),
+        ([Task("a", main=True)], ["neither `labels` and `signal`"]),
+        ([Task("a b", labels="digit", main=True)], ["task name 'a b' is not valid"]),
+        ([Task("a", labels="digit", main=True), "parity"], ["not a Task", "@name/Task()"]),
+        ([], ["task graph is empty"]),
+    ],
+)
+def test_invalid_graphs_name_the_problem(tasks, words):
+    with pytest.raises(TaskGraphError) as err:
+        TaskGraph(tasks)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_main_task_cannot_be_self_supervised():
+    with pytest.raises(TaskGraphError, match="main task 'r' uses a self-supervised signal"):
+        graph(Task("r", signal=Rotation(), main=True))
+
+
+def test_labelled_tasks_on_one_pool_share_a_batch_signal_tasks_do_not():
+    g = graph(
+        Task("digit", labels="digit", main=True),
+        Task("rot", signal=Rotation()),
+        Task("parity", labels="parity"),
+        Task("extra", labels="ge5", pool="labeled+aux"),
+    )
+    groups = batch_groups(g)
+    assert [(gr.pool, gr.tasks) for gr in groups] == [
+        ("labeled", ["digit", "parity"]),
+        ("train", ["rot"]),
+        ("labeled+aux", ["extra"]),
+    ]
+    assert [gr.tasks for gr in batch_groups(g, ["digit"])] == [["digit"]]
+
+
+def test_unknown_label_field_lists_the_fields():
+    g = graph(Task("digit", labels="digits", main=True))
+    with pytest.raises(TaskGraphError) as err:
+        resolve_tasks(g, digits())
+    assert "'digits'" in str(err.value) and "digit, ge5, loops, parity" in str(err.value)
+
+
+def test_output_sizes_come_from_fields_and_signals():
+    g = graph(Task("digit", labels="digit", main=True), Task("loops", labels="loops"), Task("rot", signal=Rotation()))
+    resolved = resolve_tasks(g, digits())
+    assert {k: v.num_outputs for k, v in resolved.items()} == {"digit": 10, "loops": 3, "rot": 4}
+
+
+class WrongHead(nn.Module):
+    """A head that ignores num_outputs and always predicts 3 classes."""
+
+    def __init__(self, feature_shape, num_outputs):
+        super().__init__()
+        self.fc = nn.Linear(feature_shape[0], 3)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_head_incompatible_with_labels_is_caught_before_training():
+    torch.manual_seed(0)
+    g = graph(Task("digit", labels="digit", main=True, head=WrongHead))
+    data = digits()
+    with pytest.raises(TaskGraphError) as err:
+        build_model(lambda input_shape: SmallCNN(input_shape, channels=(4,)), g, resolve_tasks(g, data), data)
+    msg = str(err.value)
+    assert "task 'digit'" in msg and "(2, 3)" in msg and "10 outputs" in msg
+
+
+def test_reduced_loss_is_rejected():
+    g = graph(Task("digit", labels="digit", main=True, loss=lambda out, y: cross_entropy(out, y).mean()))
+    data = digits()
+    with pytest.raises(TaskGraphError, match="losses must be unreduced"):
+        build_model(lambda input_shape: SmallCNN(input_shape, channels=(4,)), g, resolve_tasks(g, data), data)
+
+
+def test_model_returns_one_output_per_task():
+    g = graph(Task("digit", labels="digit", main=True), Task("rot", signal=Rotation()))
+    data = digits()
+    model = build_model(lambda input_shape: SmallCNN(input_shape, channels=(4,)), g, resolve_tasks(g, data), data)
+    out = model(torch.zeros(5, 1, 8, 8))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"digit": (5, 10), "rot": (5, 4)}
+    assert len(model.shared_parameters()) == len(list(model.backbone.parameters()))

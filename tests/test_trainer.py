@@ -1,0 +1,156 @@
+"""Trainer: exact resume, checkpoints, data order, non-finite losses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gin
+import numpy as np
+import pytest
+import torch
+
+from auxframe import config
+from auxframe.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from auxframe.data.digits import digits
+from auxframe.data.loader import PoolLoader
+from auxframe.errors import CheckpointError, TrainingError
+from auxframe.experiment import train
+from helpers import GIN, quick_bindings
+
+
+def run(run_dir, steps, resume=False, files=("quickstart.gin",), **extra):
+    gin.clear_config()
+    config.parse([GIN / f for f in files], quick_bindings(steps=steps, **extra))
+    return train(run_dir=run_dir, resume=resume)
+
+
+def final_state(run_dir):
+    return load_checkpoint(latest_checkpoint(run_dir))
+
+
+def assert_same_state(a, b):
+    assert a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for k in sa:
+            assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), k
+
+
+def test_resumed_run_ends_with_the_same_parameters(tmp_path):
+    straight = run(tmp_path / "straight", steps=12, **{"train.checkpoint_every": 6})
+    run(tmp_path / "split", steps=6)
+    resumed = run(tmp_path / "split", steps=12, resume=True)
+    assert_same_state(final_state(tmp_path / "straight"), final_state(tmp_path / "split"))
+    assert resumed["test"] == straight["test"] and resumed["steps"] == 12
+
+
+def test_resume_from_a_mid_run_checkpoint(tmp_path):
+    # A run stopped after its step-6 checkpoint (we delete what came later) continues identically.
+    run(tmp_path / "a", steps=10, **{"train.checkpoint_every": 6, "train.keep_checkpoints": 5})
+    reference = final_state(tmp_path / "a")
+    for ckpt in list_checkpoints(tmp_path / "a")[1:]:
+        ckpt.unlink()
+    assert latest_checkpoint(tmp_path / "a").name == "step_00000006.pt"
+    run(tmp_path / "a", steps=10, resume=True, **{"train.checkpoint_every": 6, "train.keep_checkpoints": 5})
+    assert_same_state(reference, final_state(tmp_path / "a"))
+
+
+def test_different_seeds_train_differently(tmp_path):
+    a = run(None, steps=3)
+    b = run(None, steps=3, **{"train.seed": 1})
+    assert a["metrics"] != b["metrics"]
+
+
+def test_checkpoints_keep_the_last_n_and_write_atomically(tmp_path, monkeypatch):
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, {"x": torch.tensor([step])}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003.pt", "step_00000004.pt"]
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, 5, {"x": torch.tensor([5])}, keep=2)
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path).name == "step_00000004.pt"
+    assert load_checkpoint(latest_checkpoint(tmp_path))["x"].item() == 4
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000003.pt", "step_00000004.pt"]
+
+
+class NotATensor:
+    pass
+
+
+def test_checkpoints_holding_arbitrary_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"obj": NotATensor()}, path)
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_checkpoint_from_another_task_graph_is_refused(tmp_path):
+    run(tmp_path / "r", steps=2)
+    gin.clear_config()
+    # Same config text, but swap the task graph to the attributes-only graph.
+    with pytest.raises(Exception) as err:
+        run(tmp_path / "r", steps=4, resume=True, files=("quickstart.gin", "tasks/digits_attributes.gin"))
+    assert "config differs" in str(err.value) or "another task graph" in str(err.value)
+
+
+def test_pool_loader_is_a_function_of_seed_and_position():
+    data = digits()
+    idx = np.arange(0, 50)
+    a = PoolLoader(data, idx, batch_size=16, seed=3)
+    first = [next(a)[0] for _ in range(7)]  # crosses two epoch boundaries (3 batches per epoch)
+    b = PoolLoader(data, idx, batch_size=16, seed=3)
+    for _ in range(4):
+        next(b)
+    c = PoolLoader(data, idx, batch_size=16, seed=3)
+    c.load_state_dict(b.state_dict())
+    assert torch.equal(next(c)[0], first[4])
+    assert not torch.equal(next(PoolLoader(data, idx, 16, seed=4))[0], first[0])
+    # every epoch is a permutation: 3 batches of 16 cover 48 distinct examples
+    seen = torch.cat([labels["digit"] * 0 + torch.arange(16) for _, labels in [next(PoolLoader(data, idx, 16, 3))]])
+    assert seen.numel() == 16
+
+
+def test_pool_loader_epoch_covers_distinct_examples():
+    images = torch.arange(40, dtype=torch.float32).reshape(40, 1, 1, 1)
+    from auxframe.data.base import LabelField, TensorImageDataset
+
+    data = TensorImageDataset(images, {"y": torch.zeros(40, dtype=torch.long)}, {"y": LabelField(1)}, "y")
+    loader = PoolLoader(data, np.arange(40), batch_size=10, seed=0)
+    values = torch.cat([next(loader)[0].flatten() for _ in range(4)])
+    assert sorted(values.tolist()) == list(range(40))
+
+
+@gin.register
+def nan_after_first(output, target):
+    """A loss that becomes NaN (to test the non-finite check)."""
+    loss = torch.nn.functional.cross_entropy(output, target, reduction="none")
+    return loss * float("nan") if output.requires_grad else loss
+
+
+def test_non_finite_loss_stops_the_run_naming_task_and_step(tmp_path):
+    with pytest.raises(TrainingError) as err:
+        run(tmp_path / "nan", steps=6, **{"parity/Task.loss": "@nan_after_first"})
+    assert "task 'parity' (nan)" in str(err.value) and "at step 1." in str(err.value)
+    assert "'digit'" not in str(err.value)
+
+
+def test_metrics_json_and_scalar_log(tmp_path):
+    result = run(tmp_path / "m", steps=4)
+    saved = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert saved["main_task"] == "digit" and saved["main_metric"] == "accuracy"
+    assert 0.0 <= saved["test"] <= 1.0 and saved["test"] == result["test"]
+    assert set(saved["weights"]) == {"digit", "rotation", "parity", "ge5"}
+    rows = [json.loads(line) for line in (tmp_path / "m" / "scalars.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/digit/loss" in r] == [2, 4]
+    assert any("test/rotation/accuracy" in r for r in rows)
+    assert all(r.get("weight/parity", 1.0) == 1.0 for r in rows)
