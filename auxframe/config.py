@@ -27,15 +27,10 @@ _REFERENCE = re.compile(r"(?<![\w.])(" + "|".join(KINDS) + r")\.([A-Za-z_]\w*)")
 _INCLUDE = re.compile(r"^\s*include\s+['\"]([^'\"]+)['\"]")
 
 
-def search_paths(gin_files: Sequence[str | Path]) -> list[Path]:
-    """Folders searched for included files: each file's folder and its enclosing ``gin_configs``."""
-    paths: list[Path] = [Path.cwd()]
-    for f in gin_files:
-        f = Path(f).resolve()
-        for parent in f.parents:
-            if parent not in paths and (parent == f.parent or parent.name == "gin_configs"):
-                paths.append(parent)
-    return paths
+def _folders_of(path: Path) -> list[Path]:
+    """A gin file's own folder and the enclosing ``gin_configs`` folder, if any."""
+    path = path.resolve()
+    return [path.parent] + [p for p in path.parents if p.name == "gin_configs" and p != path.parent]
 
 
 def _resolve_include(name: str, paths: Sequence[Path]) -> Path | None:
@@ -48,11 +43,20 @@ def _resolve_include(name: str, paths: Sequence[Path]) -> Path | None:
     return None
 
 
-def scan_references(gin_files: Sequence[str | Path], bindings: Sequence[str]) -> list[tuple[str, str, str]]:
-    """``(kind, name, where)`` for every plugin named in the files, their includes and the bindings."""
-    paths = search_paths(gin_files)
+def scan(gin_files: Sequence[str | Path], bindings: Sequence[str]) -> tuple[list[tuple[str, str, str]], list[Path]]:
+    """Plugins named in the files, their includes and the bindings, and the include search paths.
+
+    Returns:
+        ``([(kind, name, where), ...], search_paths)``; ``where`` is ``file:line`` or the binding.
+    """
+    paths: list[Path] = [Path.cwd()]
     refs: list[tuple[str, str, str]] = []
     seen_files: set[Path] = set()
+
+    def add_paths(path: Path) -> None:
+        for folder in _folders_of(path):
+            if folder not in paths:
+                paths.append(folder)
 
     def scan_text(text: str, label: str, numbered: bool = True) -> None:
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -75,17 +79,20 @@ def scan_references(gin_files: Sequence[str | Path], bindings: Sequence[str]) ->
         if path in seen_files:
             return
         seen_files.add(path)
+        add_paths(path)
         scan_text(path.read_text(), str(path))
 
     for f in gin_files:
+        add_paths(Path(f))
+    for f in gin_files:
         scan_file(Path(f))
-    for i, b in enumerate(bindings):
+    for b in bindings:
         scan_text(b, f"--gin-param {b!r}", numbered=False)
-    return refs
+    return refs, paths
 
 
 def parse(gin_files: Sequence[str | Path], bindings: Sequence[str] = (), finalize: bool = True) -> None:
-    """Parse gin files then bindings, loading exactly the plugins they name.
+    """Parse gin files then bindings (replacing any earlier config), loading the plugins they name.
 
     Raises:
         ConfigError: a missing file, an unknown plugin, configurable or parameter, or bad syntax.
@@ -96,13 +103,15 @@ def parse(gin_files: Sequence[str | Path], bindings: Sequence[str] = (), finaliz
     for f in gin_files:
         if not Path(f).is_file():
             raise ConfigError(f"gin file {f} does not exist (looked from {Path.cwd()}).")
+    gin.clear_config()
+    references, paths = scan(gin_files, bindings)
     try:
-        registry.load_referenced(scan_references(gin_files, bindings))
+        registry.load_referenced(references)
     except PluginError as err:
         if type(err) is PluginError:  # unknown or ambiguous name: a config mistake
             raise ConfigError(str(err)) from None
         raise
-    for p in search_paths(gin_files):
+    for p in paths:
         if str(p) not in gin_config._LOCATION_PREFIXES:  # noqa: SLF001
             gin.add_config_file_search_path(str(p))
     quiet = _DropGinPathProbes()

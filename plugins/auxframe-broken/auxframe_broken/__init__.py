@@ -1,0 +1,1 @@
+"""Deliberately broken auxframe plugins, for auxframe's registry tests only."""

@@ -1,0 +1,46 @@
+"""Every shipped gin file parses and builds an experiment that trains."""
+
+from __future__ import annotations
+
+import gin
+import pytest
+
+from auxframe import config
+from auxframe.experiment import train
+from helpers import GIN, quick_bindings
+
+ALL_FILES = sorted(GIN.rglob("*.gin"))
+# Files that define a whole experiment; the others are pieces (base, dataset, model, tasks,
+# weighting) checked by laying them over the quickstart.
+WHOLE = {GIN / "quickstart.gin", *GIN.glob("experiments/*.gin")}
+
+
+def test_there_are_shipped_configs():
+    assert GIN / "quickstart.gin" in ALL_FILES and len(WHOLE) >= 5
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: str(p.relative_to(GIN)))
+def test_gin_file_parses_builds_and_trains(path):
+    files = [path] if path in WHOLE else [GIN / "quickstart.gin", path]
+    config.parse(files, quick_bindings(steps=2))
+    result = train(run_dir=None)
+    assert result["steps"] == 2
+    assert 0.0 <= result["test"] <= 1.0
+    assert "train.steps = 2" in gin.operative_config_str()
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: str(p.relative_to(GIN)))
+def test_gin_file_opens_with_a_comment_on_what_it_is(path):
+    assert path.read_text().lstrip().startswith("#"), f"{path} should open with a comment"
+
+
+def test_stl_plus_trains_the_main_task_on_labels_and_aux_set():
+    config.parse([GIN / "experiments/digits_stl_plus.gin"], quick_bindings(steps=1))
+    graph = gin.query_parameter("train.tasks").scoped_configurable_fn()
+    assert graph.main.pool == "labeled+aux" and graph.aux == []
+
+
+def test_includes_resolve_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config.parse([GIN / "quickstart.gin"], quick_bindings(steps=1))
+    assert gin.query_parameter("LowDataSplit.labels_per_class") == 10
