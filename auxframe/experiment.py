@@ -12,7 +12,6 @@ A failure in steps 1-2 leaves nothing on disk.
 
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from auxframe import rundir
+from auxframe import config, rundir
 from auxframe.data.splits import LowDataSplit
 from auxframe.errors import ConfigError, DataError, TaskGraphError
 from auxframe.loggers import ScalarLog, WandbLogger
@@ -123,7 +122,7 @@ def train(
     if run is not None:
         run.create()
         loggers.append(ScalarLog(run.path))
-        wandb_id = wandb_logger.start(run.path, run.path.name, run.config_dict(), run.wandb_id())
+        wandb_id = wandb_logger.start(run.path, run.path.name, config.as_dict(gin.operative_config_str()), run.wandb_id())
         run.record_wandb_id(wandb_id)
         loggers.append(wandb_logger)
     trainer = Trainer(
@@ -173,13 +172,20 @@ def resolve_tasks(graph: TaskGraph, dataset: Any) -> dict[str, ResolvedTask]:
     """Resolve every task's plugins and output size against the dataset."""
     out = {}
     for t in graph.tasks:
+        data = t.data if t.data is not None else dataset
+        if t.data is not None and tuple(t.data.input_shape) != tuple(dataset.input_shape):
+            raise TaskGraphError(
+                f"task '{t.name}' has data of image shape {tuple(t.data.input_shape)}, but the main "
+                f"dataset's images are {tuple(dataset.input_shape)}; the shared backbone needs one shape. "
+                f"Resize one of them (e.g. with the dataset's transform parameters)."
+            )
         if t.labels is not None:
-            if t.labels not in dataset.fields:
+            if t.labels not in data.fields:
                 raise TaskGraphError(
-                    f"task '{t.name}' reads labels '{t.labels}', which {type(dataset).__name__} does not "
-                    f"have; its label fields are: {', '.join(sorted(dataset.fields))}."
+                    f"task '{t.name}' reads labels '{t.labels}', which {type(data).__name__} does not "
+                    f"have; its label fields are: {', '.join(sorted(data.fields))}."
                 )
-            num_outputs = dataset.fields[t.labels].num_classes
+            num_outputs = data.fields[t.labels].num_classes
         else:
             num_outputs = getattr(t.signal, "num_classes", None)
             if not isinstance(num_outputs, int):
@@ -225,10 +231,10 @@ def validate_outputs(model: MultiTaskModel, graph: TaskGraph, tasks: Mapping[str
     """Check, before training, that every head's output fits its loss, labels and metric."""
     was = model.training
     model.eval()
-    idx = torch.arange(min(2, len(dataset)))
-    images, labels = dataset.get_batch(idx)
     try:
         for g in batch_groups(graph):
+            data = g.data if g.data is not None else dataset
+            images, labels = data.get_batch(torch.arange(min(2, len(data))))
             x, targets = images, {t: labels[tasks[t].labels] for t in g.tasks if tasks[t].labels}
             if g.signal is not None:
                 x, y = g.signal(images, generator=None, train=False)
@@ -293,4 +299,3 @@ for _opt in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.R
 for _sched in (torch.optim.lr_scheduler.CosineAnnealingLR, torch.optim.lr_scheduler.StepLR,
                torch.optim.lr_scheduler.MultiStepLR, torch.optim.lr_scheduler.LinearLR):
     gin.register(_sched, module="torch.optim.lr_scheduler")
-_ = math  # (math is used by callers through this module's namespace in older configs)

@@ -117,15 +117,6 @@ class RunDir:
         path = latest_checkpoint(self.path)
         return load_checkpoint(path) if path is not None else None
 
-    def config_dict(self) -> dict[str, str]:
-        """The config as ``{binding: value}``, for W&B's run config."""
-        out = {}
-        for line in self.config.splitlines():
-            if " = " in line and not line.startswith((" ", "#")):
-                key, value = line.split(" = ", 1)
-                out[key.strip()] = value.strip()
-        return out
-
     def wandb_id(self) -> str | None:
         return self._read_run_json().get("wandb_id")
 

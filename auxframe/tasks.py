@@ -1,7 +1,8 @@
 """Tasks and the task graph: one main task and K >= 0 auxiliary tasks on a shared backbone.
 
 A task has a name, a head, a loss, a metric and a label source: a label field of the dataset
-(the main data with other labels) or a self-supervised signal such as rotation. It draws its
+(the main data with other labels), a label field of *other data* (``Task.data``, a dataset of its
+own, used whole), or a self-supervised signal such as rotation. It draws its
 batches from a *pool* of the low-data split: ``labeled`` (the main task's few labels), ``train``
 (every training image, for self-supervised tasks), ``aux``, or unions such as ``labeled+aux``.
 
@@ -45,8 +46,13 @@ class Task:
         loss: per-sample loss (``@losses.cross_entropy``) or its registered name.
         metric: metric class (``@metrics.accuracy``) or its registered name.
         pool: which split pool the task's batches come from; default ``'labeled'`` for
-            labelled tasks and ``'train'`` (all training images) for signal tasks.
+            labelled tasks and ``'train'`` (all training images) for signal tasks. Ignored for
+            tasks with their own ``data``, which train on all of it.
         main: whether this is the main task (exactly one task must be).
+        data: other data for an auxiliary task (e.g. ``@datasets.digits()`` or another
+            dataset plugin with the same image shape); its labels come from its field ``labels``
+            (or from ``signal``). Such a task is trained on all of ``data`` and, having no
+            validation or test split, reports training losses only.
     """
 
     def __init__(
@@ -59,6 +65,7 @@ class Task:
         metric: Callable | str = "accuracy",
         pool: str | None = None,
         main: bool = False,
+        data: Any = None,
     ):
         self.name = name
         self.labels = labels
@@ -68,10 +75,14 @@ class Task:
         self.metric = metric
         self.pool = pool or ("train" if signal is not None else "labeled")
         self.main = bool(main)
+        self.data = data
+        if data is not None:
+            self.pool = "all"
 
     def __repr__(self) -> str:
         source = f"labels={self.labels!r}" if self.signal is None else f"signal={type(self.signal).__name__}"
-        return f"Task({self.name!r}, {source}, pool={self.pool!r}{', main' if self.main else ''})"
+        where = f"data={type(self.data).__name__}" if self.data is not None else f"pool={self.pool!r}"
+        return f"Task({self.name!r}, {source}, {where}{', main' if self.main else ''})"
 
 
 class TaskGraph:
@@ -125,7 +136,10 @@ class TaskGraph:
         """What a checkpoint records to recognise this graph: names, main task, label sources."""
         return {
             "main": self.main.name,
-            "tasks": [[t.name, t.labels or type(t.signal).__name__, t.pool] for t in self.tasks],
+            "tasks": [
+                [t.name, t.labels or type(t.signal).__name__, t.pool, type(t.data).__name__ if t.data is not None else ""]
+                for t in self.tasks
+            ],
         }
 
     def __repr__(self) -> str:
@@ -152,6 +166,11 @@ def _check_sources(tasks: list[Task]) -> None:
                 f"task '{t.name}' has {both} `labels` and `signal`; give exactly one: "
                 f"`{t.name}/Task.labels = '<field>'` or `{t.name}/Task.signal = @signals.rotation()`."
             )
+        if t.main and t.data is not None:
+            raise TaskGraphError(
+                f"main task '{t.name}' has its own `data`; the main task reads `train.dataset`. Move the "
+                f"dataset to `train.dataset` and drop `{t.name}/Task.data`."
+            )
         if t.main and t.signal is not None:
             raise TaskGraphError(
                 f"main task '{t.name}' uses a self-supervised signal; the main task must read labels "
@@ -168,22 +187,27 @@ class BatchGroup:
         pool: the split pool the batch comes from.
         tasks: names of the tasks in the group.
         signal: the self-supervised signal applied to the batch, if any.
+        data: the group's own dataset (None: the experiment's dataset and split).
     """
 
     key: str
     pool: str
     tasks: list[str]
     signal: Any = None
+    data: Any = None
 
 
 def batch_groups(graph: TaskGraph, tasks: Sequence[str] | None = None) -> list[BatchGroup]:
-    """Group tasks by shared batch: labelled tasks by pool, each signal task on its own."""
+    """Group tasks by shared batch: labelled tasks by pool; each signal or other-data task alone."""
     wanted = set(tasks) if tasks is not None else set(graph.names)
     groups: dict[str, BatchGroup] = {}
     for t in graph.tasks:
         if t.name not in wanted:
             continue
-        if t.signal is None:
+        if t.data is not None:
+            key = f"{t.name}@data"
+            groups[key] = BatchGroup(key, "all", [t.name], t.signal, t.data)
+        elif t.signal is None:
             key = f"labels@{t.pool}"
             groups.setdefault(key, BatchGroup(key, t.pool, [], None)).tasks.append(t.name)
         else:

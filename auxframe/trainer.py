@@ -114,11 +114,11 @@ class Trainer:
         self.checkpoint_extra = dict(checkpoint_extra or {})
         self.step = 0
         self.groups = batch_groups(graph, weighting.tasks_needed())
-        self.loaders = {g.key: self._make_loader(g.pool, g.key, i) for i, g in enumerate(self.groups)}
+        self.loaders = {g.key: self._make_loader(g.pool, i, g.data) for i, g in enumerate(self.groups)}
         self.signal_rngs = {g.key: torch.Generator().manual_seed(seed * 7919 + i) for i, g in enumerate(self.groups)}
         self.aux_loader = None
         if weighting.outer_every:
-            self.aux_loader = self._make_loader("aux", "aux_set", len(self.groups))
+            self.aux_loader = self._make_loader("aux", len(self.groups))
         self.ctx = StepContext(
             step=0,
             model=model,
@@ -129,9 +129,13 @@ class Trainer:
         self._stop_requested = False
 
     # -- data ------------------------------------------------------------------------------------
-    def _make_loader(self, pool: str, key: str, index: int) -> PoolLoader:
+    def _make_loader(self, pool: str, index: int, data: Any = None) -> PoolLoader:
+        """A loader over a pool of the split, or over all of a task's own ``data``."""
         bs = self.schedule.pool_batch_sizes.get(pool, self.schedule.batch_size)
-        return PoolLoader(self.dataset, self.split.pool(pool), bs, seed=self.seed * 104_729 + index, name=pool)
+        seed = self.seed * 104_729 + index
+        if data is not None:
+            return PoolLoader(data, np.arange(len(data)), bs, seed=seed, name=f"{type(data).__name__} (all)")
+        return PoolLoader(self.dataset, self.split.pool(pool), bs, seed=seed, name=pool)
 
     def _group_batch(self, group: BatchGroup, images: torch.Tensor, labels: dict, train: bool, rng=None):
         """Inputs and per-task targets of one group's batch (applying its signal, if any)."""
@@ -252,6 +256,8 @@ class Trainer:
         indices = self.split.pool(pool)
         out: dict[str, float] = {}
         for g in batch_groups(self.graph):
+            if g.data is not None:  # other data has no validation or test split
+                continue
             metrics = {t: self.tasks[t].metric() for t in g.tasks}
             loss_sum = {t: 0.0 for t in g.tasks}
             count = {t: 0 for t in g.tasks}

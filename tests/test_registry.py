@@ -273,7 +273,7 @@ def test_register_in_gin_false_leaves_gin_alone():
     name = unique("no_gin")
     reg = fx.registry_over([fx.entry_point("weightings", name, "TinyWeighting")], register_in_gin=False)
     assert reg.get("weightings", name) is fx.TinyWeighting
-    with pytest.raises(ValueError, match="No configurable matching"):
+    with pytest.raises(ValueError, match=f"Could not find weightings.{name} in the Gin registry"):
         gin.get_configurable(f"weightings.{name}")
 
 
@@ -329,7 +329,8 @@ def installed(tmp_path_factory) -> dict[str, Path]:
 
 def auxframe(site: Path, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run ``python -m auxframe ARGS`` with ``site`` first on PYTHONPATH."""
-    env = dict(os.environ, WANDB_MODE="disabled", WANDB_SILENT="true")
+    # One thread: these models are tiny, and torch's threads thrash when other processes share the CPUs.
+    env = dict(os.environ, WANDB_MODE="disabled", WANDB_SILENT="true", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "auxframe", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=180)
@@ -400,7 +401,7 @@ def test_run_with_the_plugin_backbone(installed, tmp_path):
     assert metrics["steps"] == 30 and 0.0 <= metrics["test"] <= 1.0
     operative = (run_dir / "operative_config.gin").read_text()
     assert "train.backbone = @backbones.example_resnet" in operative
-    assert "backbones.example_resnet.width = 8" in operative
+    assert "example_resnet.width = 8" in operative  # gin shortens names that are unique
 
 
 @pytest.mark.slow

@@ -120,3 +120,35 @@ def test_model_returns_one_output_per_task():
     out = model(torch.zeros(5, 1, 8, 8))
     assert {k: tuple(v.shape) for k, v in out.items()} == {"digit": (5, 10), "rot": (5, 4)}
     assert len(model.shared_parameters()) == len(list(model.backbone.parameters()))
+
+
+def small_other_data(n=40, shape=(1, 8, 8)):
+    from auxframe.data.base import LabelField, TensorImageDataset
+
+    g = torch.Generator().manual_seed(0)
+    return TensorImageDataset(
+        torch.randn(n, *shape, generator=g),
+        {"shade": torch.randint(0, 3, (n,), generator=g)},
+        {"shade": LabelField(3, "a made-up label")},
+        "shade",
+    )
+
+
+def test_auxiliary_task_on_other_data_gets_its_own_batch_and_outputs():
+    other = small_other_data()
+    g = graph(Task("digit", labels="digit", main=True), Task("shade", labels="shade", data=other))
+    groups = batch_groups(g)
+    assert [(gr.key, gr.data is other) for gr in groups] == [("labels@labeled", False), ("shade@data", True)]
+    data = digits()
+    resolved = resolve_tasks(g, data)
+    assert resolved["shade"].num_outputs == 3
+    model = build_model(lambda input_shape: SmallCNN(input_shape, channels=(4,)), g, resolved, data)
+    assert tuple(model(torch.zeros(2, 1, 8, 8))["shade"].shape) == (2, 3)
+
+
+def test_other_data_must_match_the_image_shape_and_not_be_the_main_task():
+    g = graph(Task("digit", labels="digit", main=True), Task("shade", labels="shade", data=small_other_data(shape=(3, 8, 8))))
+    with pytest.raises(TaskGraphError, match=r"image shape \(3, 8, 8\).*\(1, 8, 8\)"):
+        resolve_tasks(g, digits())
+    with pytest.raises(TaskGraphError, match="main task 'digit' has its own `data`"):
+        graph(Task("digit", labels="shade", main=True, data=small_other_data()))

@@ -16,6 +16,7 @@ from auxframe.data.digits import digits
 from auxframe.data.loader import PoolLoader
 from auxframe.errors import CheckpointError, TrainingError
 from auxframe.experiment import train
+from auxframe.weighting.base import Weighting
 from helpers import GIN, quick_bindings
 
 
@@ -154,3 +155,80 @@ def test_metrics_json_and_scalar_log(tmp_path):
     assert [r["step"] for r in rows if "train/digit/loss" in r] == [2, 4]
     assert any("test/rotation/accuracy" in r for r in rows)
     assert all(r.get("weight/parity", 1.0) == 1.0 for r in rows)
+
+
+@gin.register
+class OuterProbe(Weighting):
+    """A toy bilevel weighting: records what its outer steps see (to test the outer-step hook)."""
+
+    def __init__(self, outer_every: int = 3):
+        self.outer_every = outer_every
+        self.calls: list[tuple[int, tuple, bool]] = []
+        self.scale = torch.ones(())
+
+    def combine(self, losses, ctx):
+        return self.scale * losses.means().sum()
+
+    def outer_step(self, ctx):
+        aux = ctx.aux_set_losses()
+        train_losses = ctx.train_losses()
+        grads = torch.autograd.grad(train_losses.mean("digit"), ctx.shared_parameters, allow_unused=True)
+        self.calls.append((ctx.step, tuple(aux["digit"].shape), all(g is not None for g in grads)))
+        self.scale = self.scale * 0.5
+
+    def weights(self):
+        return {t: float(self.scale) for t in [self.main_task, *self.aux_tasks]}
+
+    def state_dict(self):
+        return {"scale": self.scale, "calls": len(self.calls)}
+
+    def load_state_dict(self, state):
+        self.scale = state["scale"]
+
+
+PROBES: list[OuterProbe] = []
+
+
+@gin.register
+def outer_probe(outer_every: int = 3) -> OuterProbe:
+    PROBES.append(OuterProbe(outer_every))
+    return PROBES[-1]
+
+
+def test_outer_step_runs_every_outer_every_steps_on_the_aux_set(tmp_path):
+    PROBES.clear()
+    result = run(None, steps=10, **{"train.weighting": "@outer_probe()", "LowDataSplit.aux_per_class": 1})
+    probe = PROBES[-1]
+    # called after inner steps 3, 6, 9 (ctx.step is the last inner step taken, 0-based)
+    assert [c[0] for c in probe.calls] == [2, 5, 8]
+    assert all(shape == (10,) for _, shape, _ in probe.calls)  # the aux set: 1 image x 10 classes
+    assert all(reached for *_, reached in probe.calls)
+    assert result["weights"]["digit"] == pytest.approx(0.125)
+
+
+def test_weighting_state_is_checkpointed_and_restored(tmp_path):
+    PROBES.clear()
+    run(tmp_path / "w", steps=4, **{"train.weighting": "@outer_probe()"})
+    assert load_checkpoint(latest_checkpoint(tmp_path / "w"))["weighting"]["scale"].item() == pytest.approx(0.5)
+    resumed = run(tmp_path / "w", steps=7, resume=True, **{"train.weighting": "@outer_probe()"})
+    assert resumed["weights"]["digit"] == pytest.approx(0.25)  # restored 0.5, halved once more at step 6
+
+
+def test_outer_step_without_an_aux_set_is_a_clear_error():
+    with pytest.raises(Exception) as err:
+        run(None, steps=2, **{"train.weighting": "@outer_probe()", "LowDataSplit.aux_per_class": 0})
+    assert "needs" in str(err.value) or "auxiliary set" in str(err.value)
+    assert "aux_per_class" in str(err.value)
+
+
+def test_auxiliary_task_on_other_data_trains_and_reports_training_loss(tmp_path):
+    extra = {
+        "other/Task.name": "'other'",
+        "other/Task.labels": "'loops'",
+        "other/Task.data": "@datasets.digits()",
+        "TaskGraph.tasks": "[@digit/Task(), @other/Task()]",
+    }
+    result = run(tmp_path / "o", steps=4, **extra)
+    rows = [json.loads(line) for line in (tmp_path / "o" / "scalars.jsonl").read_text().splitlines()]
+    assert any("train/other/loss" in r for r in rows)
+    assert "test/digit/accuracy" in result["metrics"] and not any("/other/" in k for k in result["metrics"])
