@@ -196,7 +196,7 @@ def test_an_object_of_the_wrong_type_is_a_load_error(kind, attr, reason):
     with pytest.raises(PluginLoadError) as caught:
         reg.get(kind, "wrong")
     assert reason in str(caught.value)
-    assert caught.value.cause == str(caught.value.cause)  # a reason, not an exception: nothing raised
+    assert isinstance(caught.value.cause, str)  # a reason, not an exception: the import went fine
     assert f"'wrong = {fx.MODULE}:{attr}' in group 'auxframe.{kind}'" in str(caught.value)
     assert reg.get(kind, "other") is fx.tiny_loss  # only that plugin is broken (a function passes every kind)
 
