@@ -66,12 +66,24 @@ def _run(args: argparse.Namespace) -> int:
 
     run_dir = args.run_dir or str(Path("runs") / f"{Path(args.gin[-1]).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     result = train(run_dir=run_dir, resume=args.resume)
+    _print_task_table(result["metrics"])
     print(
         f"main task '{result['main_task']}': test {result['main_metric']} = {result['test']:.4f} "
         f"(validation {result['val']:.4f}) after {result['steps']} steps in {result['wall_time_s']:.1f}s"
     )
     print(f"run directory: {result['run_dir']}")
     return 0
+
+
+def _print_task_table(metrics: dict) -> None:
+    """Validation and test metrics per task, one line per task and metric."""
+    rows: dict[tuple[str, str], dict[str, float]] = {}
+    for key, value in metrics.items():
+        split, task, name = key.split("/", 2)
+        rows.setdefault((task, name), {})[split] = value
+    print(f"{'task':<14}{'metric':<14}{'val':>9}{'test':>9}")
+    for (task, name), v in rows.items():
+        print(f"{task:<14}{name:<14}{v.get('val', float('nan')):>9.4f}{v.get('test', float('nan')):>9.4f}")
 
 
 def _list(args: argparse.Namespace) -> int:
