@@ -1,7 +1,8 @@
 """Built-in metrics (plugin kind ``metrics``).
 
-A metric plugin is a class with ``reset()``, ``update(output, target)`` (called once per evaluation
-batch) and ``compute() -> dict[str, float]``. Accumulating per batch keeps evaluation memory flat.
+A metric plugin is a class with ``update(output, target)`` (called once per evaluation batch) and
+``compute() -> dict[str, float]``; a new instance is made for every evaluation. Accumulating per
+batch keeps evaluation memory flat.
 """
 
 from __future__ import annotations

@@ -41,12 +41,15 @@ KIND_DESCRIPTIONS = {
     "backbones": "shared feature extractors: factory(input_shape, **params) -> nn.Module",
     "heads": "task heads: factory(feature_shape, num_outputs, **params) -> nn.Module",
     "datasets": "data sources: factory(**params) -> auxframe.data.ImageDataset",
-    "signals": "self-supervised label sources (e.g. rotation): (images, generator) -> (images, labels)",
+    "signals": "self-supervised label sources: object with num_classes and "
+    "__call__(images, generator=None, train=True) -> (images, labels)",
     "weightings": "loss-weighting algorithms: subclasses of auxframe.weighting.Weighting",
     "auxnets": "auxiliary networks that combine losses or generate labels: nn.Module",
     "losses": "per-sample losses: fn(output, target) -> unreduced tensor with a batch dimension",
-    "metrics": "metrics: class with update(output, target) and compute() -> dict",
+    "metrics": "metrics: class with update(output, target) and compute() -> dict (a new one per evaluation)",
 }
+
+_SINGULAR = {k: ("loss" if k == "losses" else k[:-1]) for k in KINDS}
 
 
 def group_of(kind: str) -> str:
@@ -152,16 +155,17 @@ class Registry:
         self._failed: dict[tuple[str, str], PluginError] = {}
 
     def refresh(self) -> None:
-        """Forget what was found (after ``pip install`` in this process); loaded plugins stay loaded."""
+        """Forget what was found and what failed (after ``pip install`` in this process); loaded plugins stay."""
         import importlib
 
         importlib.invalidate_caches()
         self._found.clear()
+        self._failed.clear()
 
     # -- finding (metadata only) -------------------------------------------------------------
     def find(self, kind: str | None = None) -> list[PluginInfo]:
         """Every plugin of ``kind`` (or of every kind), sorted by name; imports nothing."""
-        kinds = [self._check_kind(kind)] if kind else list(KINDS)
+        kinds = [self._check_kind(kind)] if kind is not None else list(KINDS)
         found: list[PluginInfo] = []
         for k in kinds:
             if k not in self._found:
@@ -215,7 +219,7 @@ class Registry:
             raise err from exc
         reason = _type_checks()[kind](obj)
         if reason:
-            err = PluginLoadError(kind, name, info.dist, info.value, f"not a {kind[:-1]}: {reason}")
+            err = PluginLoadError(kind, name, info.dist, info.value, f"not a {_SINGULAR[kind]}: {reason}")
             self._failed[key] = err
             raise err
         if self._register_in_gin:
