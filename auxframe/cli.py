@@ -71,6 +71,12 @@ def _run(args: argparse.Namespace) -> int:
         f"main task '{result['main_task']}': test {result['main_metric']} = {result['test']:.4f} "
         f"(validation {result['val']:.4f}) after {result['steps']} steps in {result['wall_time_s']:.1f}s"
     )
+    best = result["best"]
+    if best["step"] != result["steps"]:
+        print(
+            f"best on validation: step {best['step']}, validation {best['val']:.4f}, "
+            f"test {result['main_metric']} = {best['test']:.4f}"
+        )
     print(f"run directory: {result['run_dir']}")
     return 0
 

@@ -2,7 +2,9 @@
 
 A metric plugin is a class with ``update(output, target)`` (called once per evaluation batch) and
 ``compute() -> dict[str, float]``; a new instance is made for every evaluation. Accumulating per
-batch keeps evaluation memory flat.
+batch keeps evaluation memory flat. The first key of ``compute()`` is the task's main metric; the
+class attribute ``higher_is_better`` (default True) says which way is better when the trainer picks
+the best-on-validation model.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ class Accuracy:
     Args:
         topk: the k values to report; ``(1,)`` reports ``accuracy``, ``(1, 5)`` adds ``top5``.
     """
+
+    higher_is_better = True
 
     def __init__(self, topk: tuple[int, ...] = (1,)):
         self.topk = tuple(topk)

@@ -127,6 +127,7 @@ class Trainer:
             aux_set_losses=self._next_aux_set_losses if self.aux_loader is not None else None,
         )
         self._stop_requested = False
+        self.best: dict[str, Any] | None = None
 
     # -- data ------------------------------------------------------------------------------------
     def _make_loader(self, pool: str, index: int, data: Any = None) -> PoolLoader:
@@ -211,6 +212,7 @@ class Trainer:
                     acc, acc_n, interval_start = {}, 0, time.perf_counter()
                 if s.eval_every and self.step % s.eval_every == 0 and self.step < s.steps:
                     last_val = self.evaluate("val")
+                    self._track_best(last_val)
                     self._log(last_val)
                 if s.checkpoint_every and self.step % s.checkpoint_every == 0:
                     self.save()
@@ -225,17 +227,18 @@ class Trainer:
 
     def _finish(self, wall_time: float) -> dict[str, Any]:
         results = {"val": self.evaluate("val"), "test": self.evaluate("test")}
+        self._track_best(results["val"])
         self._log({**results["val"], **results["test"]})
         if self.run_dir is not None:
             self.save()
-        main = self.graph.main.name
-        metric_name = next(iter(k.split("/")[-1] for k in results["test"] if k.startswith(f"test/{main}/") and not k.endswith("/loss")))
+        main, metric_name = self.graph.main.name, self._main_metric_name(results["test"])
         summary = {
             "main_task": main,
             "main_metric": metric_name,
             "test": results["test"][f"test/{main}/{metric_name}"],
             "val": results["val"][f"val/{main}/{metric_name}"],
             "steps": self.step,
+            "best": self._best_summary(results, metric_name),
             "wall_time_s": round(wall_time, 3),
             "weights": self.weighting.weights(),
             "metrics": {**results["val"], **results["test"]},
@@ -246,6 +249,32 @@ class Trainer:
             if hasattr(lg, "summary"):
                 lg.summary({k: v for k, v in summary.items() if k != "metrics"})
         return summary
+
+    # -- choosing the checkpoint on validation ----------------------------------------------------
+    def _main_metric_name(self, metrics: Mapping[str, float]) -> str:
+        prefix = f"/{self.graph.main.name}/"
+        return next(k.rsplit("/", 1)[1] for k in metrics if prefix in k and not k.endswith("/loss"))
+
+    def _track_best(self, val: Mapping[str, float]) -> None:
+        """Keep the model state with the best main-task validation metric seen at an evaluation."""
+        name = self._main_metric_name(val)
+        value = val[f"val/{self.graph.main.name}/{name}"]
+        sign = 1.0 if getattr(self.tasks[self.graph.main.name].metric, "higher_is_better", True) else -1.0
+        if self.best is None or sign * value > sign * self.best["val"]:
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best = {"step": self.step, "val": value, "model": state}
+
+    def _best_summary(self, final: Mapping[str, Any], metric_name: str) -> dict[str, Any]:
+        """Validation and test metrics of the best-on-validation model state."""
+        main = self.graph.main.name
+        if self.best["step"] == self.step:
+            test = final["test"]
+        else:
+            current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(self.best["model"])
+            test = self.evaluate("test")
+            self.model.load_state_dict(current)
+        return {"step": self.best["step"], "val": self.best["val"], "test": test[f"test/{main}/{metric_name}"]}
 
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -335,6 +364,7 @@ class Trainer:
             "aux_loader": self.aux_loader.state_dict() if self.aux_loader is not None else None,
             "signal_rngs": {k: g.get_state() for k, g in self.signal_rngs.items()},
             "rng": _rng_state(),
+            "best": self.best,
             **self.checkpoint_extra,
         }
 
@@ -357,6 +387,7 @@ class Trainer:
         for k, s in state["signal_rngs"].items():
             self.signal_rngs[k].set_state(s)
         _set_rng_state(state["rng"])
+        self.best = state.get("best")
         self.step = int(state["step"])
 
     def save(self) -> Path | None:

@@ -168,14 +168,14 @@ def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa if sa[k].is_floating_point())
 
 
-def timed_block(step: Callable[[], object], n: int, sync: Callable[[], None]) -> float:
-    """Seconds per step over ``n`` consecutive steps."""
+def timed_block(step: Callable[[], object], n: int, sync: Callable[[], None]) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds per step over ``n`` consecutive steps."""
     sync()
-    start = time.perf_counter()
+    cpu, start = time.process_time(), time.perf_counter()
     for _ in range(n):
         step()
     sync()
-    return (time.perf_counter() - start) / n
+    return (time.perf_counter() - start) / n, (time.process_time() - cpu) / n
 
 
 def quartiles(xs: list[float]) -> tuple[float, float]:
@@ -266,6 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     load_before = _loadavg()
     t_aux: list[float] = []
     t_hand: list[float] = []
+    c_aux: list[float] = []
+    c_hand: list[float] = []
+
+    def block(step, times, cpu_times):
+        wall, cpu = timed_block(step, args.steps, sync)
+        times.append(wall)
+        cpu_times.append(cpu)
     deadline = time.perf_counter() + args.time_limit
     for r in range(args.repeats):
         if r >= 3 and time.perf_counter() > deadline:
@@ -273,11 +280,11 @@ def main(argv: list[str] | None = None) -> int:
             break
         gc.collect()
         if r % 2 == 0:
-            t_aux.append(timed_block(aux, args.steps, sync))
-            t_hand.append(timed_block(hand, args.steps, sync))
+            block(aux, t_aux, c_aux)
+            block(hand, t_hand, c_hand)
         else:
-            t_hand.append(timed_block(hand, args.steps, sync))
-            t_aux.append(timed_block(aux, args.steps, sync))
+            block(hand, t_hand, c_hand)
+            block(aux, t_aux, c_aux)
     load_after = _loadavg()
 
     n = len(t_aux)
@@ -297,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ratio auxframe / hand-written = {ratio:.3f}: median of the {n} per-pair ratios "
           f"(IQR {q1:.3f}-{q3:.3f}, min-max {min(pair):.3f}-{max(pair):.3f}); "
           f"ratio of medians {med_a / med_h:.3f}, of minima {min(t_aux) / min(t_hand):.3f}")
+    cpu_pair = [a / h for a, h in zip(c_aux, c_hand)]
+    cq1, cq3 = quartiles(cpu_pair)
+    print(f"  process CPU time per step (all threads): auxframe {1e3 * statistics.median(c_aux):.3f} ms, hand-written "
+          f"{1e3 * statistics.median(c_hand):.3f} ms; median per-pair ratio {statistics.median(cpu_pair):.3f} "
+          f"(IQR {cq1:.3f}-{cq3:.3f})")
     print(f"  machine: load average {load_before} before, {load_after} after timing; hand-written block "
           f"IQR / median = {100 * noise:.1f}%")
     if noise > 0.05:

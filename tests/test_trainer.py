@@ -232,3 +232,46 @@ def test_auxiliary_task_on_other_data_trains_and_reports_training_loss(tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "o" / "scalars.jsonl").read_text().splitlines()]
     assert any("train/other/loss" in r for r in rows)
     assert "test/digit/accuracy" in result["metrics"] and not any("/other/" in k for k in result["metrics"])
+
+
+def test_best_on_validation_is_tracked_and_its_test_metric_reported(tmp_path):
+    result = run(tmp_path / "b", steps=8, **{"train.eval_every": 2})
+    best = result["best"]
+    rows = [json.loads(line) for line in (tmp_path / "b" / "scalars.jsonl").read_text().splitlines()]
+    vals = {r["step"]: r["val/digit/accuracy"] for r in rows if "val/digit/accuracy" in r}
+    assert sorted(vals) == [2, 4, 6, 8]
+    assert best["val"] == max(vals.values())
+    assert best["step"] == min(s for s, v in vals.items() if v == best["val"])  # first of ties
+    if best["step"] == 8:
+        assert best["test"] == result["test"]
+    assert 0.0 <= best["test"] <= 1.0
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["best"] == best
+
+
+@gin.register
+class ErrorRate:
+    """Classification error: lower is better (to test that the direction is honoured)."""
+
+    higher_is_better = False
+
+    def __init__(self):
+        self.wrong, self.count = 0, 0
+
+    def update(self, output, target):
+        self.wrong += int((output.argmax(1) != target).sum())
+        self.count += int(target.numel())
+
+    def compute(self):
+        return {"error": self.wrong / max(self.count, 1)}
+
+
+def test_best_state_is_the_model_of_that_step(tmp_path):
+    # With a lower-is-better metric, the best state is an early one; its reported test metric must
+    # equal the final test metric of a run stopped at that step.
+    extra = {"train.eval_every": 2, "digit/Task.metric": "@ErrorRate"}
+    result = run(None, steps=12, **extra)
+    best = result["best"]
+    assert result["main_metric"] == "error" and best["val"] <= result["val"]
+    assert best["step"] < 12
+    short = run(None, steps=best["step"], **extra)
+    assert best["test"] == short["test"]
