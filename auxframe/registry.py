@@ -281,7 +281,10 @@ def _register_in_gin(kind: str, name: str, obj: Any) -> None:
             return
         # A different object under the same name: a reloaded plugin (tests, notebooks). Replace it.
         del gin_config._REGISTRY[selector]  # noqa: SLF001
-    gin.register(name, module=kind)(obj)
+    # A plugin named by string in code (e.g. Task.head = 'classification') loads after gin has
+    # finalised the config; registering a configurable does not change any binding.
+    with gin.unlock_config():
+        gin.register(name, module=kind)(obj)
 
 
 def plugin_parameters(obj: Any) -> list[tuple[str, Any]]:

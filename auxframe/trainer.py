@@ -150,14 +150,21 @@ class Trainer:
 
     def compute_losses(self, batches: Mapping[str, tuple]) -> TaskLosses:
         """Unreduced losses of every needed task, given one raw batch per group."""
-        values: dict[str, torch.Tensor] = {}
+        outputs: dict[str, torch.Tensor] = {}
+        targets: dict[str, torch.Tensor] = {}
         for g in self.groups:
             images, labels = batches[g.key]
-            x, targets = self._group_batch(g, images, labels, train=True, rng=self.signal_rngs[g.key])
-            outputs = self.model(x, tasks=g.tasks)
-            for t in g.tasks:
-                values[t] = self.tasks[t].loss(outputs[t], targets[t])
-        return TaskLosses(values, self.graph.main.name, [t.name for t in self.graph.aux], [g.tasks for g in self.groups])
+            x, group_targets = self._group_batch(g, images, labels, train=True, rng=self.signal_rngs[g.key])
+            outputs.update(self.model(x, tasks=g.tasks))
+            targets.update(group_targets)
+        return self._losses_from(outputs, targets)
+
+    def _losses_from(self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> TaskLosses:
+        values = {t: self.tasks[t].loss(outputs[t], targets[t]) for t in outputs}
+        return TaskLosses(
+            values, self.graph.main.name, [t.name for t in self.graph.aux], [g.tasks for g in self.groups],
+            outputs=outputs, from_outputs=lambda new: self._losses_from(new, targets),
+        )
 
     def _next_train_losses(self) -> TaskLosses:
         return self.compute_losses({g.key: next(self.loaders[g.key]) for g in self.groups})

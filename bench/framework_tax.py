@@ -207,8 +207,8 @@ def profile_auxframe(trainer: Trainer, steps: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=50, help="steps per timed block (default 50)")
-    p.add_argument("--repeats", type=int, default=30, help="timed blocks per side (default 30)")
+    p.add_argument("--steps", type=int, default=20, help="steps per timed block (default 20)")
+    p.add_argument("--repeats", type=int, default=50, help="timed blocks per side (default 50)")
     p.add_argument("--time-limit", type=float, default=100.0,
                    help="stop timing after this many seconds, whatever --repeats says (default 100)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave torch's default)")
@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weight-decay", type=float, default=5e-4, help="as gin_configs/base/train.gin")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--tasks", choices=sorted(TASK_SETS), default="all", help="task graph (default: all, the quickstart's)")
-    p.add_argument("--profile", action="store_true", help="afterwards, cProfile --steps auxframe steps")
+    p.add_argument("--profile", action="store_true", help="afterwards, cProfile --profile-steps auxframe steps")
+    p.add_argument("--profile-steps", type=int, default=100, help="steps profiled by --profile (default 100)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     print("auxframe framework tax: Trainer.inner_step (Equal) vs a hand-written PyTorch step")
     print(f"  torch {torch.__version__}, python {platform.python_version()}, device {device} ({dev_name}), "
-          f"threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), cpus {os.cpu_count()}")
+          f"threads {torch.get_num_threads()} ({'--threads' if args.threads else 'torch default'}; interop {torch.get_num_interop_threads()}), cpus {os.cpu_count()}")
     print(f"  model MultiTaskModel(small_cnn 32-64-64): {n_params:,} parameters; batch size {args.batch_size}; "
           f"tasks {args.tasks}: {' + '.join(TASK_SETS[args.tasks])}; batch groups: "
           f"{', '.join(g.key for g in trainer.groups)}")
@@ -273,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         wall, cpu = timed_block(step, args.steps, sync)
         times.append(wall)
         cpu_times.append(cpu)
+
     deadline = time.perf_counter() + args.time_limit
     for r in range(args.repeats):
         if r >= 3 and time.perf_counter() > deadline:
@@ -319,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{verdict}: {ratio:.3f} {'<=' if ratio <= GOAL else '>'} {GOAL}")
 
     if args.profile:
-        profile_auxframe(trainer, args.steps)
+        profile_auxframe(trainer, args.profile_steps)
     return 0
 
 

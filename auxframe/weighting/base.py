@@ -36,6 +36,10 @@ class TaskLosses:
         aux_tasks: names of the auxiliary tasks present, in task-graph order.
         groups: tuples of task names that were computed on the same batch; their per-sample
             losses line up (see :meth:`per_sample`).
+        outputs: the heads' outputs these losses were computed from (task name -> tensor), when
+            the trainer provides them (curvature methods that work in output space use them).
+        from_outputs: recomputes the losses from other outputs with the same targets, as
+            ``from_outputs({task: output}) -> TaskLosses``.
 
     Example:
         >>> total = losses.mean("digit") + 0.5 * losses.mean("parity")
@@ -48,8 +52,12 @@ class TaskLosses:
         main_task: str,
         aux_tasks: Sequence[str],
         groups: Sequence[Sequence[str]] = (),
+        outputs: Mapping[str, torch.Tensor] | None = None,
+        from_outputs: Callable[[Mapping[str, torch.Tensor]], "TaskLosses"] | None = None,
     ):
         self.values = dict(values)
+        self.outputs = dict(outputs) if outputs is not None else None
+        self.from_outputs = from_outputs
         self.main_task = main_task
         self.aux_tasks = [t for t in aux_tasks if t in self.values]
         self.groups = [tuple(g) for g in groups]

@@ -1,0 +1,258 @@
+"""AuxiLearn (Navon et al., "Auxiliary Learning by Implicit Differentiation", ICLR 2021).
+
+An auxiliary network g_phi (an ``auxnets`` plugin: linear, nonlinear, per-pixel conv) combines the
+task losses into the training loss, ``L_T(W, phi) = g_phi(l_main, l_1, ..., l_K)``. The model
+trains on L_T; every ``outer_every`` inner steps phi takes one step along the hypergradient of
+the main-task loss on the held-out auxiliary set, ``L_A(W)``:
+
+    dL_A/dphi = - (d2 L_T / dW dphi)^T (H_W L_T)^-1 grad_W L_A,
+
+with the inverse Hessian approximated by a truncated Neumann series of Hessian-vector products
+(see :mod:`auxframe.hypergrad`). W is the shared backbone by default (``inner_params='shared'``).
+
+Per-sample losses of tasks computed on the main task's batch enter the network row by row; a task
+on another batch (a self-supervised task on unlabelled images, a task on other data) enters as its
+batch-mean loss, repeated on every row. For the linear network the two are the same; for nonlinear
+networks it means the network sees that task through its mean.
+
+Example (gin)::
+
+    train.weighting = @weightings.auxilearn()
+    weightings.auxilearn.auxnet = @auxnets.nonlinear
+    auxnets.nonlinear.skip_main = True
+    weightings.auxilearn.outer_every = 20
+    weightings.auxilearn.neumann_terms = 3
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+
+from auxframe import hypergrad
+from auxframe.errors import ConfigError
+from auxframe.weighting.base import StepContext, TaskLosses, Weighting, WeightingSetup
+
+_INNER = ("shared", "all")
+_BN_MODES = ("train", "eval")
+
+
+class AuxiLearn(Weighting):
+    """Losses combined by a learned auxiliary network, trained by implicit differentiation.
+
+    Args:
+        auxnet: the auxiliary network: an ``auxnets`` plugin factory (``@auxnets.linear``) or its
+            registered name; called with ``num_tasks`` (main + auxiliary).
+        outer_every: inner steps between outer steps.
+        outer_optimizer: optimizer factory for phi (default: Adam).
+        outer_lr: learning rate of the outer optimizer.
+        aux_batches: batches of the auxiliary set averaged into one outer loss.
+        method: ``'neumann'``, ``'cg'``, ``'exact'`` or ``'first_order'`` (see :mod:`auxframe.hypergrad`).
+        neumann_terms: J, the number of Neumann terms after the first.
+        alpha: the Neumann scale; ``'auto'`` picks a safe one from a power-iteration estimate of the
+            Hessian's top eigenvalue at the first outer step (re-estimated every ``alpha_refresh``
+            outer steps when that is non-zero).
+        scale_by_alpha: multiply the series by alpha (the true inverse); the reference code does not.
+        curvature: ``'hessian'`` or ``'gauss_newton'``.
+        grad_clip: clip the hypergradient to this norm (None: no clipping).
+        inner_params: W: ``'shared'`` (the backbone) or ``'all'`` (backbone and heads).
+        outer_bn_mode: BatchNorm mode during the outer step, ``'train'`` or ``'eval'``.
+        alpha_refresh: re-estimate ``alpha='auto'`` every this many outer steps (0: only once).
+    """
+
+    def __init__(
+        self,
+        auxnet: Callable[..., nn.Module] | str = "linear",
+        outer_every: int = 20,
+        outer_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        outer_lr: float = 1e-3,
+        aux_batches: int = 1,
+        method: str = "neumann",
+        neumann_terms: int = 3,
+        alpha: float | str = "auto",
+        scale_by_alpha: bool = False,
+        curvature: str = "hessian",
+        grad_clip: float | None = None,
+        inner_params: str = "shared",
+        outer_bn_mode: str = "train",
+        alpha_refresh: int = 0,
+    ):
+        _check_choice("inner_params", inner_params, _INNER)
+        _check_choice("outer_bn_mode", outer_bn_mode, _BN_MODES)
+        if not isinstance(outer_every, int) or outer_every < 1:
+            raise ConfigError(f"weightings.auxilearn.outer_every must be a positive integer, got {outer_every!r}.")
+        if alpha != "auto" and not (isinstance(alpha, (int, float)) and alpha > 0):
+            raise ConfigError(f"weightings.auxilearn.alpha must be 'auto' or a positive number, got {alpha!r}.")
+        if aux_batches < 1:
+            raise ConfigError(f"weightings.auxilearn.aux_batches must be >= 1, got {aux_batches!r}.")
+        self.auxnet_factory = auxnet
+        self.outer_every = outer_every
+        self.outer_optimizer_factory = outer_optimizer
+        self.outer_lr = outer_lr
+        self.aux_batches = aux_batches
+        self.method, self.neumann_terms, self.curvature = method, neumann_terms, curvature
+        self.alpha_setting, self.scale_by_alpha = alpha, scale_by_alpha
+        self.grad_clip, self.inner_params = grad_clip, inner_params
+        self.outer_bn_mode, self.alpha_refresh = outer_bn_mode, alpha_refresh
+
+    # -- setup -----------------------------------------------------------------------------------
+    def setup(self, info: WeightingSetup) -> None:
+        super().setup(info)
+        if not info.has_aux_set:
+            raise ConfigError(
+                "AuxiLearn takes its outer steps on the held-out auxiliary set, but the split has none. "
+                "Set `LowDataSplit.aux_per_class` (e.g. 5) or `LowDataSplit.aux_fraction`."
+            )
+        factory = self.auxnet_factory
+        if isinstance(factory, str):
+            from auxframe.registry import registry
+
+            factory = registry.get("auxnets", factory)
+        self.tasks = [self.main_task, *self.aux_tasks]
+        self.auxnet = factory(num_tasks=len(self.tasks)).to(info.device)
+        if not isinstance(self.auxnet, nn.Module):
+            raise ConfigError(f"the auxiliary network factory returned {type(self.auxnet).__name__}, not an nn.Module.")
+        make_opt = self.outer_optimizer_factory or torch.optim.Adam
+        self.outer_optimizer = make_opt(list(self.auxnet.parameters()), lr=self.outer_lr)
+        self.model = info.model
+        self.alpha: float | None = None if self.alpha_setting == "auto" else float(self.alpha_setting)
+        self.outer_steps = 0
+        self._logs: dict[str, float] = {}
+        self._weights = self._effective_weights(torch.ones(1, len(self.tasks), device=info.device))
+
+    # -- inner step ------------------------------------------------------------------------------
+    def loss_matrix(self, losses: TaskLosses) -> torch.Tensor:
+        """The tasks' losses as ``(B, T)`` rows (or ``(B, T, H, W)`` for per-pixel nets), main first."""
+        main = losses[self.main_task]
+        batch = main.shape[0]
+        same_batch = next((set(g) for g in losses.groups if self.main_task in g), {self.main_task})
+        dense = getattr(self.auxnet, "dense_input", False)
+        columns = []
+        for task in self.tasks:
+            value = losses[task]
+            aligned = task in same_batch and value.shape[0] == batch
+            if dense and aligned and value.shape == main.shape:
+                columns.append(value)
+            elif aligned:
+                columns.append(value.reshape(batch, -1).mean(dim=1) if value.ndim > 1 else value)
+            else:
+                columns.append(value.mean().expand(batch))
+        if dense and columns[0].ndim > 1:
+            columns = [c if c.ndim > 1 else c.reshape(batch, *[1] * (main.ndim - 1)).expand_as(main) for c in columns]
+        return torch.stack(columns, dim=1)
+
+    def combine(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
+        return self.auxnet(self.loss_matrix(losses))
+
+    def tasks_needed(self) -> list[str]:
+        return list(self.tasks)
+
+    # -- outer step ------------------------------------------------------------------------------
+    def outer_step(self, ctx: StepContext) -> None:
+        """One step of phi along the hypergradient of the auxiliary-set main loss."""
+        bn_modes = _set_batchnorm_mode(ctx.model, self.outer_bn_mode == "train")
+        try:
+            train_losses = ctx.train_losses()
+            matrix = self.loss_matrix(train_losses)
+            train_loss = self.auxnet(matrix)
+            outer_loss = sum(ctx.aux_set_losses().mean(self.main_task) for _ in range(self.aux_batches)) / self.aux_batches
+            inner = self._inner_parameters(ctx)
+            curvature = self._curvature_args(train_losses)
+            if self.alpha is None or (self.alpha_refresh and self.outer_steps % self.alpha_refresh == 0
+                                      and self.alpha_setting == "auto"):
+                top = hypergrad.top_eigenvalue(train_loss, inner, seed=self.outer_steps, **curvature)
+                # Power iteration finds the eigenvalue of largest magnitude; bounding alpha by it keeps
+                # alpha * lambda < 2 for every positive eigenvalue (negative ones diverge regardless).
+                self.alpha = hypergrad.safe_alpha(abs(top) if top != 0 else 1.0)
+                self._logs["auxilearn/top_eigenvalue"] = top
+            result = hypergrad.hypergradient(
+                train_loss, outer_loss, inner, list(self.auxnet.parameters()),
+                method=self.method, neumann_terms=self.neumann_terms, alpha=self.alpha,
+                scale_by_alpha=self.scale_by_alpha, **curvature,
+            )
+        finally:
+            _restore_batchnorm_mode(bn_modes)
+        phi = list(self.auxnet.parameters())
+        for p, g in zip(phi, result.grads):
+            p.grad = g.detach()
+        norm = float(torch.nn.utils.clip_grad_norm_(phi, self.grad_clip if self.grad_clip else math.inf))
+        self.outer_optimizer.step()
+        self.outer_optimizer.zero_grad(set_to_none=True)
+        self.auxnet.project_()
+        self.outer_steps += 1
+        self._weights = self._effective_weights(matrix.detach())
+        self._logs.update({
+            "auxilearn/hypergrad_norm": norm,
+            "auxilearn/outer_loss": float(outer_loss.detach()),
+            "auxilearn/diverging": float(result.diverging),
+            "auxilearn/alpha": float(self.alpha),
+        })
+
+    def _curvature_args(self, losses: TaskLosses) -> dict[str, Any]:
+        """Keyword arguments selecting the curvature; Gauss-Newton works on the heads' outputs."""
+        if self.curvature != "gauss_newton":
+            return {"curvature": self.curvature}
+        if losses.outputs is None or losses.from_outputs is None:
+            raise ConfigError("curvature='gauss_newton' needs the heads' outputs, which this trainer did not provide.")
+        names = list(losses.outputs)
+
+        def output_loss(outs):
+            return self.auxnet(self.loss_matrix(losses.from_outputs(dict(zip(names, outs)))))
+
+        return {"curvature": "gauss_newton", "outputs": [losses.outputs[n] for n in names], "output_loss": output_loss}
+
+    def _inner_parameters(self, ctx: StepContext) -> list[nn.Parameter]:
+        if self.inner_params == "shared":
+            return list(ctx.shared_parameters)
+        return [p for p in ctx.model.parameters() if p.requires_grad]
+
+    def _effective_weights(self, matrix: torch.Tensor) -> dict[str, float]:
+        weights = self.auxnet.effective_weights(matrix)
+        return {t: float(w) for t, w in zip(self.tasks, weights)}
+
+    # -- reporting and state ---------------------------------------------------------------------
+    def weights(self) -> dict[str, float]:
+        return dict(self._weights)
+
+    def log_values(self) -> dict[str, float]:
+        return {**super().log_values(), **self._logs}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "auxnet": self.auxnet.state_dict(),
+            "outer_optimizer": self.outer_optimizer.state_dict(),
+            "alpha": self.alpha,
+            "outer_steps": self.outer_steps,
+            "weights": dict(self._weights),
+            "logs": dict(self._logs),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.auxnet.load_state_dict(state["auxnet"])
+        self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+        self.alpha = state["alpha"]
+        self.outer_steps = int(state["outer_steps"])
+        self._weights = dict(state["weights"])
+        self._logs = dict(state["logs"])
+
+
+def _check_choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"weightings.auxilearn.{name} must be one of {', '.join(map(repr, options))}, got {value!r}.")
+
+
+def _set_batchnorm_mode(model: nn.Module, train: bool) -> list[tuple[nn.Module, bool]]:
+    saved = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            saved.append((m, m.training))
+            m.train(train)
+    return saved
+
+
+def _restore_batchnorm_mode(saved: list[tuple[nn.Module, bool]]) -> None:
+    for m, mode in saved:
+        m.train(mode)

@@ -1,0 +1,191 @@
+"""Run and report the digits low-label protocol (../shared/RESULTS_PROTOCOL.md).
+
+Each method is a gin experiment run for every n (labels per class) and seed; the seed sets both
+``train.seed`` and ``LowDataSplit.seed``, so the intervals include split-to-split variation. Runs
+go to ``<out>/<method>/n<n>/seed<s>`` and a finished run is never run again, so the grid can be
+stopped and continued.
+
+    python scripts/protocol.py run --methods stl,stl_plus,equal_rotation --n 5 10 --seeds 5
+    python scripts/protocol.py report --methods stl,stl_plus,equal_rotation --n 5 10 --seeds 5
+
+``report`` prints the markdown table of docs/results.md (mean and 95% confidence interval of the
+main-task test accuracy of the best-on-validation state, final weights, wall time relative to STL,
+and the command of each row) and writes the plots under docs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row family of the results table."""
+
+    label: str
+    gin: str
+    aux_tasks: str
+    params: tuple[str, ...] = field(default_factory=tuple)
+
+
+METHODS: dict[str, Method] = {
+    "stl": Method("STL", "gin_configs/experiments/digits_stl.gin", "none"),
+    "stl_plus": Method("STL+", "gin_configs/experiments/digits_stl_plus.gin", "none (labels + aux set)"),
+    "equal_rotation": Method("Equal", "gin_configs/experiments/digits_equal_rotation.gin", "rotation"),
+    "equal_attributes": Method("Equal", "gin_configs/experiments/digits_equal_attributes.gin", "parity, ge5, loops"),
+    "equal_all": Method("Equal", "gin_configs/quickstart.gin", "rotation, parity, ge5"),
+}
+
+
+def command(method: Method, n: int, seed: int, run_dir: Path) -> list[str]:
+    params = [f"LowDataSplit.labels_per_class = {n}", f"train.seed = {seed}", f"LowDataSplit.seed = {seed}",
+              "train.progress = False", *method.params]
+    cmd = ["auxframe", "run", "--gin", method.gin]
+    for p in params:
+        cmd += ["--gin-param", p]
+    return cmd + ["--run-dir", str(run_dir)]
+
+
+def shown(cmd: list[str]) -> str:
+    """A command as a user would type it (seed left as a variable)."""
+    out = []
+    for part in cmd:
+        out.append(f'"{part}"' if " " in part else part)
+    return " ".join(out)
+
+
+def run_grid(args: argparse.Namespace) -> None:
+    jobs = []
+    for key in args.methods:
+        for n in args.n:
+            for seed in range(args.seeds):
+                run_dir = args.out / key / f"n{n}" / f"seed{seed}"
+                if not (run_dir / "metrics.json").is_file():
+                    jobs.append((key, n, seed, run_dir))
+    print(f"{len(jobs)} runs to do", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+
+    def one(job):
+        key, n, seed, run_dir = job
+        if run_dir.exists():  # an interrupted run: start it again from scratch
+            subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+        cmd = command(METHODS[key], n, seed, run_dir)
+        cmd[0:1] = [sys.executable, "-m", "auxframe"]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        status = "ok" if proc.returncode == 0 else f"FAILED\n{proc.stderr[-2000:]}"
+        print(f"{key} n={n} seed={seed}: {status}", flush=True)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(one, jobs))
+
+
+def _ci95(values: list[float]) -> tuple[float, float]:
+    from scipy import stats
+
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, float("nan")
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return m, stats.t.ppf(0.975, len(values) - 1) * sd / math.sqrt(len(values))
+
+
+def collect(args: argparse.Namespace) -> dict[tuple[str, int], list[dict]]:
+    out: dict[tuple[str, int], list[dict]] = {}
+    for key in args.methods:
+        for n in args.n:
+            for seed in range(args.seeds):
+                f = args.out / key / f"n{n}" / f"seed{seed}" / "metrics.json"
+                if f.is_file():
+                    out.setdefault((key, n), []).append(json.loads(f.read_text()))
+    return out
+
+
+def report(args: argparse.Namespace) -> None:
+    results = collect(args)
+    rows = ["| data | n/class | method | aux tasks | seeds | test acc mean ± 95% CI | final weights (mean) | time vs STL | command |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for n in args.n:
+        stl_time = None
+        if ("stl", n) in results:
+            stl_time = sum(r["wall_time_s"] for r in results[("stl", n)]) / len(results[("stl", n)])
+        for key in args.methods:
+            rs = results.get((key, n), [])
+            if not rs:
+                continue
+            m = METHODS[key]
+            mean, ci = _ci95([100 * r["best"]["test"] for r in rs])
+            weights = _mean_weights(rs)
+            t = sum(r["wall_time_s"] for r in rs) / len(rs)
+            rel = f"{t / stl_time:.2f}x" if stl_time else "—"
+            cmd = shown(command(m, n, 0, Path(f"runs/{key}-n{n}-seed0")))
+            rows.append(f"| digits | {n} | {m.label} | {m.aux_tasks} | {len(rs)} | {mean:.1f} ± {ci:.1f} | "
+                        f"{weights} | {rel} | `{cmd}` |")
+    print("\n".join(rows))
+    if args.plots:
+        _plot_accuracy(results, args)
+
+
+def _mean_weights(rs: list[dict]) -> str:
+    keys = [k for k in rs[0]["weights"] if k != rs[0]["main_task"]]
+    if not keys:
+        return "—"
+    return ", ".join(f"{k} {sum(r['weights'][k] for r in rs) / len(rs):.2f}" for k in keys)
+
+
+def _plot_accuracy(results, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.n), figsize=(5 * len(args.n), 3.2), squeeze=False)
+    for ax, n in zip(axes[0], args.n):
+        labels, means, cis = [], [], []
+        for key in args.methods:
+            rs = results.get((key, n))
+            if rs:
+                mean, ci = _ci95([100 * r["best"]["test"] for r in rs])
+                labels.append(f"{METHODS[key].label}\n({METHODS[key].aux_tasks})")
+                means.append(mean)
+                cis.append(ci)
+        ax.barh(range(len(labels)), means, xerr=cis, color="#4c72b0", capsize=3)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.invert_yaxis()
+        lo = min(m - c for m, c in zip(means, cis))
+        ax.set_xlim(max(0, lo - 5), 100)
+        ax.set_xlabel("main-task test accuracy (%), mean ± 95% CI")
+        ax.set_title(f"digits, {n} labels per class")
+    fig.tight_layout()
+    path = args.plots / "results_digits_accuracy.png"
+    fig.savefig(path, dpi=120)
+    print(f"\nwrote {path}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["run", "report"])
+    p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
+    p.add_argument("--n", type=int, nargs="+", default=[5, 10])
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "protocol")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--plots", type=Path, default=None, help="folder for the PNG plots (e.g. docs)")
+    args = p.parse_args()
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+    run_grid(args) if args.action == "run" else report(args)
+
+
+if __name__ == "__main__":
+    main()
