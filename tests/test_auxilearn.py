@@ -1,0 +1,129 @@
+"""The AuxiLearn weighting: wiring into the trainer, what it learns, its constraints and its state."""
+
+from __future__ import annotations
+
+import json
+
+import gin
+import pytest
+import torch
+
+from auxframe import config
+from auxframe.checkpoint import latest_checkpoint, load_checkpoint
+from auxframe.data.base import LabelField, TensorImageDataset
+from auxframe.data.digits import digits
+from auxframe.errors import ConfigError
+from auxframe.experiment import train
+from auxframe.weighting.auxilearn import AuxiLearn
+from auxframe.weighting.base import TaskLosses
+from helpers import GIN, quick_bindings
+
+
+def run(run_dir=None, steps=6, resume=False, files=("quickstart.gin",), **extra):
+    b = {"train.weighting": "@weightings.auxilearn()", "weightings.auxilearn.outer_every": 2}
+    b.update(extra)
+    config.parse([GIN / f for f in files], quick_bindings(steps=steps, **b))
+    return train(run_dir=run_dir, resume=resume)
+
+
+def scalars(run_dir):
+    return [json.loads(line) for line in (run_dir / "scalars.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("auxnet", ["@auxnets.linear", "@auxnets.nonlinear"])
+def test_trains_on_digits_and_logs_what_users_see(tmp_path, auxnet):
+    result = run(tmp_path / "r", **{"weightings.auxilearn.auxnet": auxnet})
+    rows = scalars(tmp_path / "r")
+    logged = {k for r in rows for k in r}
+    assert {"auxilearn/hypergrad_norm", "auxilearn/outer_loss", "auxilearn/alpha", "weight/rotation"} <= logged
+    assert set(result["weights"]) == {"digit", "rotation", "parity", "ge5"}
+    state = load_checkpoint(latest_checkpoint(tmp_path / "r"))["weighting"]
+    assert state["outer_steps"] == 3 and state["auxnet"]  # outer steps after inner steps 2, 4, 6
+
+
+def test_resumes_exactly(tmp_path):
+    run(tmp_path / "a", steps=8, **{"train.checkpoint_every": 4})
+    run(tmp_path / "b", steps=4)
+    run(tmp_path / "b", steps=8, resume=True)
+    a, b = (load_checkpoint(latest_checkpoint(tmp_path / d)) for d in ("a", "b"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["weighting"]["auxnet"]:
+        assert torch.equal(a["weighting"]["auxnet"][k], b["weighting"]["auxnet"][k]), k
+
+
+def test_monotone_weights_stay_non_negative_after_every_outer_step(tmp_path):
+    run(tmp_path / "m", steps=12, **{
+        "weightings.auxilearn.outer_every": 1, "weightings.auxilearn.outer_lr": 0.5,
+        "weightings.auxilearn.auxnet": "@auxnets.linear", "auxnets.linear.monotone": "'projection'",
+        "train.log_every": 1,
+    })
+    weights = [v for r in scalars(tmp_path / "m") for k, v in r.items() if k.startswith("weight/")]
+    assert len(weights) == 12 * 4
+    assert min(weights) >= 0.0
+    assert min(weights) < 0.9  # the large outer learning rate did move the weights
+
+
+def test_gauss_newton_curvature_runs(tmp_path):
+    result = run(tmp_path / "g", steps=4, **{"weightings.auxilearn.curvature": "'gauss_newton'"})
+    rows = scalars(tmp_path / "g")
+    norms = [r["auxilearn/hypergrad_norm"] for r in rows if "auxilearn/hypergrad_norm" in r]
+    assert norms and all(n > 0 for n in norms)
+    assert result["steps"] == 4
+
+
+def test_needs_an_aux_set():
+    with pytest.raises(ConfigError, match="aux_per_class"):
+        run(**{"LowDataSplit.aux_per_class": 0})
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"inner_params": "heads"}, "inner_params must be one of 'shared', 'all'"),
+    ({"outer_bn_mode": "frozen"}, "outer_bn_mode must be one of"),
+    ({"outer_every": 0}, "outer_every must be a positive integer"),
+    ({"alpha": -1.0}, "alpha must be 'auto' or a positive number"),
+])
+def test_bad_settings_are_named(kwargs, words):
+    with pytest.raises(ConfigError, match=words):
+        AuxiLearn(**kwargs)
+
+
+def test_loss_matrix_keeps_rows_of_one_batch_and_broadcasts_other_batches():
+    w = AuxiLearn()
+    w.main_task, w.aux_tasks, w.tasks = "m", ["a", "r"], ["m", "a", "r"]
+    w.auxnet = torch.nn.Identity()
+    losses = TaskLosses(
+        {"m": torch.tensor([1.0, 2.0]), "a": torch.tensor([3.0, 4.0]), "r": torch.tensor([1.0, 2.0, 3.0, 6.0])},
+        "m", ["a", "r"], [["m", "a"], ["r"]],
+    )
+    assert w.loss_matrix(losses).tolist() == [[1.0, 3.0, 3.0], [2.0, 4.0, 3.0]]
+
+
+# -- what it learns ------------------------------------------------------------------------------
+@gin.register
+def helpful_and_noise_digits() -> TensorImageDataset:
+    """Digits with two auxiliary label fields: the digit itself (helpful) and random labels (noise)."""
+    base = digits()
+    g = torch.Generator().manual_seed(0)
+    labels = {
+        "digit": base.labels["digit"],
+        "helpful": base.labels["digit"].clone(),
+        "noise": torch.randint(0, 10, (len(base),), generator=g),
+    }
+    fields = {"digit": LabelField(10), "helpful": LabelField(10, "a copy of the digit"),
+              "noise": LabelField(10, "uniformly random labels")}
+    return TensorImageDataset(base.images, labels, fields, "digit")
+
+
+def test_helpful_task_ends_with_a_larger_weight_than_a_noise_task(tmp_path):
+    extra = {
+        "train.dataset": "@helpful_and_noise_digits()",
+        "helpful/Task.name": "'helpful'", "helpful/Task.labels": "'helpful'",
+        "noise/Task.name": "'noise'", "noise/Task.labels": "'noise'",
+        "TaskGraph.tasks": "[@digit/Task(), @helpful/Task(), @noise/Task()]",
+        "weightings.auxilearn.outer_every": 3, "weightings.auxilearn.outer_lr": 0.05,
+        "LowDataSplit.labels_per_class": 20, "backbones.small_cnn.channels": "(16, 16)",
+    }
+    result = run(None, steps=90, **extra)
+    w = result["weights"]
+    assert w["helpful"] > w["noise"] + 0.2, w
