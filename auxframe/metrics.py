@@ -15,6 +15,9 @@ import torch
 class Accuracy:
     """Top-k classification accuracy (fraction of examples whose label is among the k best logits).
 
+    For per-pixel outputs ``(B, C, H, W)`` and labels ``(B, H, W)`` it is pixel accuracy. Labels
+    of ``-1`` are ignored.
+
     Args:
         topk: the k values to report; ``(1,)`` reports ``accuracy``, ``(1, 5)`` adds ``top5``.
     """
@@ -31,6 +34,9 @@ class Accuracy:
 
     @torch.no_grad()
     def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        if output.ndim > 2:  # per-pixel: classes last, one row per pixel
+            output = output.movedim(1, -1).reshape(-1, output.shape[1])
+            target = target.reshape(-1)
         keep = target >= 0
         output, target = output[keep], target[keep]
         kmax = min(max(self.topk), output.shape[1])

@@ -127,3 +127,17 @@ def test_helpful_task_ends_with_a_larger_weight_than_a_noise_task(tmp_path):
     result = run(None, steps=90, **extra)
     w = result["weights"]
     assert w["helpful"] > w["noise"] + 0.2, w
+
+
+def test_loss_matrix_for_per_pixel_networks():
+    from auxframe.auxnets import ConvAuxNet
+
+    w = AuxiLearn()
+    w.main_task, w.aux_tasks, w.tasks = "seg", ["edge", "rot"], ["seg", "edge", "rot"]
+    w.auxnet = ConvAuxNet(3)
+    seg, edge = torch.rand(2, 4, 4), torch.rand(2, 4, 4)
+    losses = TaskLosses({"seg": seg, "edge": edge, "rot": torch.tensor([1.0, 3.0, 5.0])},
+                        "seg", ["edge", "rot"], [["seg", "edge"], ["rot"]])
+    m = w.loss_matrix(losses)
+    assert m.shape == (2, 3, 4, 4)
+    assert torch.equal(m[:, 0], seg) and torch.equal(m[:, 1], edge) and bool((m[:, 2] == 3.0).all())

@@ -13,6 +13,8 @@ ALL_FILES = sorted(GIN.rglob("*.gin"))
 # Files that define a whole experiment; the others are pieces (base, dataset, model, tasks,
 # weighting) checked by laying them over the quickstart.
 WHOLE = {GIN / "quickstart.gin", *GIN.glob("experiments/*.gin")}
+# Pieces that need more than the quickstart under them.
+UNDER = {GIN / "tasks/digits_dense.gin": [GIN / "quickstart.gin", GIN / "models/small_cnn_dense.gin"]}
 
 
 def test_there_are_shipped_configs():
@@ -21,7 +23,7 @@ def test_there_are_shipped_configs():
 
 @pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: str(p.relative_to(GIN)))
 def test_gin_file_parses_builds_and_trains(path):
-    files = [path] if path in WHOLE else [GIN / "quickstart.gin", path]
+    files = [path] if path in WHOLE else [*UNDER.get(path, [GIN / "quickstart.gin"]), path]
     config.parse(files, quick_bindings(steps=2))
     result = train(run_dir=None)
     assert result["steps"] == 2

@@ -323,3 +323,25 @@ def test_non_square_images_are_refused():
         Rotation()(torch.zeros(2, 3, 4, 6))
     msg = str(err.value)
     assert "square" in msg and "(3, 4, 6)" in msg and "crop" in msg
+
+
+def test_dense_digits_fields_follow_the_pixels():
+    from auxframe.data.digits import STROKE_THRESHOLD, digits, load_digit_images
+
+    data = digits(dense=True)
+    raw, labels = load_digit_images()
+    stroke = data.labels["stroke"]
+    assert stroke.shape == (1797, 8, 8) and data.fields["digit_map"].num_classes == 11
+    assert torch.equal(stroke, torch.from_numpy((raw[:, 0] * 16 >= STROKE_THRESHOLD).astype("int64")))
+    dmap = data.labels["digit_map"]
+    assert torch.equal(dmap[stroke == 0], torch.zeros_like(dmap[stroke == 0]))
+    expected = (torch.from_numpy(labels) + 1)[:, None, None].expand(-1, 8, 8)
+    assert torch.equal(dmap[stroke == 1], expected[stroke == 1])
+    assert "stroke" not in digits().fields
+
+
+def test_dense_field_cannot_be_stratified_on():
+    from auxframe.data.digits import digits
+
+    with pytest.raises(DataError, match="per-pixel labels.*stratify_on = 'digit'"):
+        digits(dense=True).targets("stroke")

@@ -152,3 +152,21 @@ def test_other_data_must_match_the_image_shape_and_not_be_the_main_task():
         resolve_tasks(g, digits())
     with pytest.raises(TaskGraphError, match="main task 'digit' has its own `data`"):
         graph(Task("digit", labels="shade", main=True, data=small_other_data()))
+
+
+def test_pixel_accuracy_and_dense_head():
+    from auxframe.metrics import Accuracy
+    from auxframe.models.heads import DenseClassificationHead
+
+    out = torch.zeros(1, 3, 2, 2)
+    out[0, 0, 0, 0] = out[0, 1, 0, 1] = out[0, 2, 1, 0] = out[0, 2, 1, 1] = 1.0  # argmax [[0,1],[2,2]]
+    target = torch.tensor([[[0, 2], [2, -1]]])  # 2 right of 3 labelled pixels
+    acc = Accuracy()
+    acc.update(out, target)
+    assert acc.compute() == {"accuracy": pytest.approx(2 / 3)}
+    head = DenseClassificationHead((4, 8, 8), 11)
+    assert tuple(head(torch.zeros(2, 4, 8, 8)).shape) == (2, 11, 8, 8)
+    up = DenseClassificationHead((4, 4, 4), 2, hidden=3, output_size=(8, 8))
+    assert tuple(up(torch.zeros(2, 4, 4, 4)).shape) == (2, 2, 8, 8)
+    with pytest.raises(ValueError, match="global_pool = False"):
+        DenseClassificationHead((64,), 2)

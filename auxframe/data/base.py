@@ -77,7 +77,7 @@ class TensorImageDataset(ImageDataset):
 
     Args:
         images: ``(N, C, H, W)`` float tensor.
-        labels: field name -> ``(N,)`` int64 tensor.
+        labels: field name -> ``(N,)`` int64 tensor, or ``(N, H, W)`` for a per-pixel field.
         fields: field name -> :class:`LabelField`; must have the same keys as ``labels``.
         main_field: the field to stratify on.
     """
@@ -96,8 +96,8 @@ class TensorImageDataset(ImageDataset):
         if main_field not in fields:
             raise ValueError(f"main_field '{main_field}' is not one of {sorted(fields)}")
         for name, lab in labels.items():
-            if lab.shape != (images.shape[0],):
-                raise ValueError(f"labels '{name}' must have shape ({images.shape[0]},)")
+            if lab.ndim < 1 or lab.shape[0] != images.shape[0]:
+                raise ValueError(f"labels '{name}' must have {images.shape[0]} rows, got shape {tuple(lab.shape)}")
         self.images = images.float().contiguous()
         self.labels = {k: v.long().contiguous() for k, v in labels.items()}
         self.fields = dict(fields)
@@ -108,7 +108,14 @@ class TensorImageDataset(ImageDataset):
         return self.images.shape[0]
 
     def targets(self, field: str) -> np.ndarray:
+        from auxframe.errors import DataError
+
         self.field(field)
+        if self.labels[field].ndim != 1:
+            raise DataError(
+                f"field '{field}' holds per-pixel labels {tuple(self.labels[field].shape[1:])}; stratify on a "
+                f"per-image field instead (e.g. `LowDataSplit.stratify_on = '{self.main_field}'`)."
+            )
         return self.labels[field].numpy()
 
     def __getitem__(self, index: int):

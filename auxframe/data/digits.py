@@ -15,6 +15,13 @@ Label fields (all int64, computed from the digit itself):
 
 The attribute fields are deterministic functions of ``digit``: they make cheap, fully labelled
 auxiliary tasks for testing auxiliary-learning methods.
+
+With ``dense=True`` two per-pixel fields (``(8, 8)`` label maps) are added, a small dense setting for
+per-pixel losses until a real segmentation dataset is at hand:
+
+- ``stroke``: 1 where the pen wrote (raw pixel value >= :data:`STROKE_THRESHOLD` of 16), else 0.
+- ``digit_map``: 0 on background pixels, ``1 + digit`` on stroke pixels (11 classes): a
+  semantic-segmentation map of the digit.
 """
 
 from __future__ import annotations
@@ -74,12 +81,28 @@ def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
     return images, bunch.target.astype(np.int64)
 
 
-def digits(normalize: bool = True) -> TensorImageDataset:
+#: Raw pixel value (of 16) from which a pixel counts as stroke in the dense ``stroke`` field.
+STROKE_THRESHOLD = 6
+
+DENSE_FIELDS: dict[str, LabelField] = {
+    "stroke": LabelField(2, "per pixel: 1 where the pen wrote, 0 on background"),
+    "digit_map": LabelField(11, "per pixel: 0 on background, 1 + digit on stroke pixels"),
+}
+
+
+def dense_labels(images: np.ndarray, digits_: np.ndarray) -> dict[str, np.ndarray]:
+    """The per-pixel fields ``stroke`` and ``digit_map`` of ``(N, 1, 8, 8)`` images in ``[0, 1]``."""
+    stroke = (images[:, 0] * 16.0 >= STROKE_THRESHOLD).astype(np.int64)
+    return {"stroke": stroke, "digit_map": stroke * (1 + digits_[:, None, None])}
+
+
+def digits(normalize: bool = True, dense: bool = False) -> TensorImageDataset:
     """scikit-learn's digits with the fields ``digit``, ``parity``, ``ge5`` and ``loops``.
 
     Args:
         normalize: standardise the ``[0, 1]`` pixels with :data:`DIGITS_MEAN` and
             :data:`DIGITS_STD`; if False, images stay in ``[0, 1]``.
+        dense: also provide the per-pixel fields ``stroke`` and ``digit_map``.
 
     Returns:
         A :class:`TensorImageDataset` of 1797 images ``(1, 8, 8)`` with ``main_field="digit"``.
@@ -89,9 +112,13 @@ def digits(normalize: bool = True) -> TensorImageDataset:
     if normalize:
         tensor = (tensor - DIGITS_MEAN) / DIGITS_STD
     fields = digit_attributes(labels)
+    infos = dict(FIELDS)
+    if dense:
+        fields.update(dense_labels(images, labels))
+        infos.update(DENSE_FIELDS)
     return TensorImageDataset(
         images=tensor,
         labels={name: torch.from_numpy(values) for name, values in fields.items()},
-        fields=dict(FIELDS),
+        fields=infos,
         main_field="digit",
     )

@@ -24,6 +24,8 @@ class SmallCNN(nn.Module):
         channels: output channels of each conv layer.
         pool_after: indices of layers followed by 2x2 max pooling.
         batch_norm: use BatchNorm after each conv.
+        global_pool: average the feature maps to a vector ``(B, C)``; False keeps the maps
+            ``(B, C, H', W')`` for per-pixel heads (use ``pool_after=()`` to keep full resolution).
     """
 
     def __init__(
@@ -32,8 +34,10 @@ class SmallCNN(nn.Module):
         channels: Sequence[int] = (32, 64, 64),
         pool_after: Sequence[int] = (1,),
         batch_norm: bool = True,
+        global_pool: bool = True,
     ):
         super().__init__()
+        self.global_pool = global_pool
         in_ch = int(input_shape[0])
         layers: list[nn.Module] = []
         for i, out_ch in enumerate(channels):
@@ -48,7 +52,8 @@ class SmallCNN(nn.Module):
         self.out_features = in_ch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).mean(dim=(2, 3))
+        maps = self.features(x)
+        return maps.mean(dim=(2, 3)) if self.global_pool else maps
 
 
 class MLP(nn.Module):

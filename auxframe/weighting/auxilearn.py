@@ -121,7 +121,8 @@ class AuxiLearn(Weighting):
         self.alpha: float | None = None if self.alpha_setting == "auto" else float(self.alpha_setting)
         self.outer_steps = 0
         self._logs: dict[str, float] = {}
-        self._weights = self._effective_weights(torch.ones(1, len(self.tasks), device=info.device))
+        probe = (1, len(self.tasks), 1, 1) if getattr(self.auxnet, "dense_input", False) else (1, len(self.tasks))
+        self._weights = self._effective_weights(torch.ones(probe, device=info.device))
 
     # -- inner step ------------------------------------------------------------------------------
     def loss_matrix(self, losses: TaskLosses) -> torch.Tensor:
