@@ -44,12 +44,16 @@ METHODS: dict[str, Method] = {
     "equal_rotation": Method("Equal", "gin_configs/experiments/digits_equal_rotation.gin", "rotation"),
     "equal_attributes": Method("Equal", "gin_configs/experiments/digits_equal_attributes.gin", "parity, ge5, loops"),
     "equal_all": Method("Equal", "gin_configs/quickstart.gin", "rotation, parity, ge5"),
+    "auxilearn_linear": Method("AuxiLearn (linear)", "gin_configs/experiments/digits_auxilearn_linear.gin",
+                               "rotation, parity, ge5"),
+    "auxilearn_nonlinear": Method("AuxiLearn (nonlinear)", "gin_configs/experiments/digits_auxilearn_nonlinear.gin",
+                                  "rotation, parity, ge5"),
 }
 
 
-def command(method: Method, n: int, seed: int, run_dir: Path) -> list[str]:
+def command(method: Method, n: int, seed: int, run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
     params = [f"LowDataSplit.labels_per_class = {n}", f"train.seed = {seed}", f"LowDataSplit.seed = {seed}",
-              "train.progress = False", *method.params]
+              "train.progress = False", *method.params, *extra]
     cmd = ["auxframe", "run", "--gin", method.gin]
     for p in params:
         cmd += ["--gin-param", p]
@@ -79,7 +83,7 @@ def run_grid(args: argparse.Namespace) -> None:
         key, n, seed, run_dir = job
         if run_dir.exists():  # an interrupted run: start it again from scratch
             subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-        cmd = command(METHODS[key], n, seed, run_dir)
+        cmd = command(METHODS[key], n, seed, run_dir, tuple(args.param))
         cmd[0:1] = [sys.executable, "-m", "auxframe"]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         status = "ok" if proc.returncode == 0 else f"FAILED\n{proc.stderr[-2000:]}"
@@ -123,11 +127,11 @@ def report(args: argparse.Namespace) -> None:
             if not rs:
                 continue
             m = METHODS[key]
-            mean, ci = _ci95([100 * r["best"]["test"] for r in rs])
+            mean, ci = _ci95([100 * r["best"][args.split] for r in rs])
             weights = _mean_weights(rs)
             t = sum(r["wall_time_s"] for r in rs) / len(rs)
             rel = f"{t / stl_time:.2f}x" if stl_time else "—"
-            cmd = shown(command(m, n, 0, Path(f"runs/{key}-n{n}-seed0")))
+            cmd = shown(command(m, n, 0, Path(f"runs/{key}-n{n}-seed0"), tuple(args.param)))
             rows.append(f"| digits | {n} | {m.label} | {m.aux_tasks} | {len(rs)} | {mean:.1f} ± {ci:.1f} | "
                         f"{weights} | {rel} | `{cmd}` |")
     print("\n".join(rows))
@@ -180,6 +184,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=REPO / "runs" / "protocol")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--plots", type=Path, default=None, help="folder for the PNG plots (e.g. docs)")
+    p.add_argument("--param", action="append", default=[], help="extra gin binding for every run (repeatable)")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="report the best state's test accuracy (results) or validation accuracy (selection)")
     args = p.parse_args()
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
