@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     print("auxframe framework tax: Trainer.inner_step (Equal) vs a hand-written PyTorch step")
     print(f"  torch {torch.__version__}, python {platform.python_version()}, device {device} ({dev_name}), "
-          f"threads {torch.get_num_threads()} ({'--threads' if args.threads else 'torch default'}; interop {torch.get_num_interop_threads()}), cpus {os.cpu_count()}")
+          f"threads {torch.get_num_threads()} ({'--threads' if args.threads else 'torch default'}; interop {torch.get_num_interop_threads()}), cpus {os.cpu_count()}"
+          + "".join(f", {k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ))
     print(f"  model MultiTaskModel(small_cnn 32-64-64): {n_params:,} parameters; batch size {args.batch_size}; "
           f"tasks {args.tasks}: {' + '.join(TASK_SETS[args.tasks])}; batch groups: "
           f"{', '.join(g.key for g in trainer.groups)}")

@@ -137,6 +137,7 @@ def report(args: argparse.Namespace) -> None:
     print("\n".join(rows))
     if args.plots:
         _plot_accuracy(results, args)
+        _plot_weights(args)
 
 
 def _mean_weights(rs: list[dict]) -> str:
@@ -173,6 +174,45 @@ def _plot_accuracy(results, args) -> None:
     path = args.plots / "results_digits_accuracy.png"
     fig.savefig(path, dpi=120)
     print(f"\nwrote {path}")
+
+
+def _plot_weights(args) -> None:
+    """Task weights over training (mean over seeds) for each method whose weights change."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[tuple[str, int], dict[str, dict[int, list[float]]]] = {}
+    for key in args.methods:
+        for n in args.n:
+            for seed in range(args.seeds):
+                f = args.out / key / f"n{n}" / f"seed{seed}" / "scalars.jsonl"
+                if not f.is_file():
+                    continue
+                for line in f.read_text().splitlines():
+                    row = json.loads(line)
+                    for k, v in row.items():
+                        if k.startswith("weight/"):
+                            curves.setdefault((key, n), {}).setdefault(k[7:], {}).setdefault(row["step"], []).append(v)
+    moving = {kn: c for kn, c in curves.items()
+              if any(max(sum(v) / len(v) for v in s.values()) - min(sum(v) / len(v) for v in s.values()) > 1e-6
+                     for s in c.values())}
+    if not moving:
+        return
+    fig, axes = plt.subplots(1, len(moving), figsize=(4.5 * len(moving), 3.2), squeeze=False)
+    for ax, ((key, n), tasks) in zip(axes[0], sorted(moving.items())):
+        for task, by_step in tasks.items():
+            steps = sorted(by_step)
+            ax.plot(steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], label=task)
+        ax.set_title(f"{METHODS[key].label}, n={n}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("effective weight (mean over seeds)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = args.plots / "results_digits_weights.png"
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def main() -> None:

@@ -141,3 +141,37 @@ def test_loss_matrix_for_per_pixel_networks():
     m = w.loss_matrix(losses)
     assert m.shape == (2, 3, 4, 4)
     assert torch.equal(m[:, 0], seg) and torch.equal(m[:, 1], edge) and bool((m[:, 2] == 3.0).all())
+
+
+def test_outer_step_leaves_batchnorm_statistics_alone():
+    # With an outer step after every inner step, the running statistics must equal those of the
+    # same training without the outer steps' extra forward passes (which would differ).
+
+    from auxframe.experiment import train as train_fn
+
+    def bn_state(weighting_binding):
+        config.parse([GIN / "quickstart.gin"], quick_bindings(steps=1, **{
+            "train.weighting": weighting_binding, "weightings.auxilearn.outer_every": 1,
+            "weightings.auxilearn.outer_lr": 0.0}))
+        import auxframe.trainer as trainer_module
+
+        captured = {}
+        original = trainer_module.Trainer._finish
+
+        def capture(self, wall):
+            captured.update({k: v.clone() for k, v in self.model.state_dict().items() if "running" in k})
+            return original(self, wall)
+
+        trainer_module.Trainer._finish = capture
+        try:
+            train_fn(run_dir=None)
+        finally:
+            trainer_module.Trainer._finish = original
+        return captured
+
+    with_outer = bn_state("@weightings.auxilearn()")
+    assert with_outer and all(isinstance(v, torch.Tensor) for v in with_outer.values())
+    without = bn_state("@weightings.equal()")
+    # the linear net starts at weight 1 for every task, so the one inner step is Equal's step
+    for k in without:
+        assert torch.allclose(with_outer[k], without[k]), k

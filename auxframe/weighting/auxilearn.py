@@ -59,7 +59,8 @@ class AuxiLearn(Weighting):
         curvature: ``'hessian'`` or ``'gauss_newton'``.
         grad_clip: clip the hypergradient to this norm (None: no clipping).
         inner_params: W: ``'shared'`` (the backbone) or ``'all'`` (backbone and heads).
-        outer_bn_mode: BatchNorm mode during the outer step, ``'train'`` or ``'eval'``.
+        outer_bn_mode: BatchNorm mode during the outer step, ``'train'`` (batch statistics) or
+            ``'eval'`` (running statistics); either way the running statistics are left as they were.
         alpha_refresh: re-estimate ``alpha='auto'`` every this many outer steps (0: only once).
     """
 
@@ -245,15 +246,25 @@ def _check_choice(name: str, value: str, options: tuple[str, ...]) -> None:
         raise ConfigError(f"weightings.auxilearn.{name} must be one of {', '.join(map(repr, options))}, got {value!r}.")
 
 
-def _set_batchnorm_mode(model: nn.Module, train: bool) -> list[tuple[nn.Module, bool]]:
+def _set_batchnorm_mode(model: nn.Module, train: bool) -> list[tuple[nn.Module, bool, dict]]:
+    """Put BatchNorm layers in ``train`` mode (batch statistics) or eval mode for the outer step.
+
+    Their running statistics are saved and later restored: the outer step's extra forward passes
+    (a fresh training batch and the held-out auxiliary set) must not leak into the statistics the
+    model is evaluated with.
+    """
     saved = []
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            saved.append((m, m.training))
+            buffers = {k: b.detach().clone() for k, b in m.named_buffers(recurse=False) if b is not None}
+            saved.append((m, m.training, buffers))
             m.train(train)
     return saved
 
 
-def _restore_batchnorm_mode(saved: list[tuple[nn.Module, bool]]) -> None:
-    for m, mode in saved:
-        m.train(mode)
+def _restore_batchnorm_mode(saved: list[tuple[nn.Module, bool, dict]]) -> None:
+    with torch.no_grad():
+        for m, mode, buffers in saved:
+            m.train(mode)
+            for k, value in buffers.items():
+                getattr(m, k).copy_(value)
