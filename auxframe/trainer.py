@@ -180,7 +180,8 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
     def inner_step(self) -> TaskLosses:
         """One optimizer step on the weighted task losses; returns the step's losses."""
-        self.model.train()
+        if not self.model.training:
+            self.model.train()
         self.ctx.step = self.step
         self.ctx.extras.clear()
         losses = self._next_train_losses()
@@ -207,11 +208,14 @@ class Trainer:
                 if self.weighting.outer_every and self.step % self.weighting.outer_every == 0:
                     self.weighting.outer_step(self.ctx)
                 means = losses.detached_means()
-                self._check_finite(means)
+                if self.device.type == "cpu":  # free on CPU; on GPU it would sync every step
+                    self._check_finite(means, f"at step {self.step}")
                 for t, v in means.items():
                     acc[t] = acc[t] + v if t in acc else v
                 acc_n += 1
                 if self.step % s.log_every == 0 or self.step == s.steps:
+                    if self.device.type != "cpu":
+                        self._check_finite(acc, f"between steps {self.step - acc_n + 1} and {self.step}")
                     scalars = self._train_scalars(acc, acc_n, time.perf_counter() - interval_start)
                     self._log(scalars)
                     if bar is not None:
@@ -313,14 +317,14 @@ class Trainer:
         return out
 
     # -- logging ---------------------------------------------------------------------------------
-    def _check_finite(self, means: Mapping[str, torch.Tensor]) -> None:
-        """Stop at the first step where a task loss is NaN or infinite, naming task and step."""
+    def _check_finite(self, means: Mapping[str, torch.Tensor], when: str) -> None:
+        """Stop when a task loss is NaN or infinite, naming the task and the step (or steps)."""
         values = torch.stack(list(means.values()))
         if bool(torch.isfinite(values).all()):
             return
         bad = [f"'{t}' ({float(v)})" for t, v in means.items() if not math.isfinite(float(v))]
         raise TrainingError(
-            f"the loss of task {', '.join(bad)} is not finite at step {self.step}. Lower the learning "
+            f"the loss of task {', '.join(bad)} is not finite {when}. Lower the learning "
             f"rate or check the data and the loss; the last checkpoint is kept."
         )
 

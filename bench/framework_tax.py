@@ -315,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  machine: load average {load_before} before, {load_after} after timing; hand-written block "
           f"IQR / median = {100 * noise:.1f}%")
     if noise > 0.05:
-        print("  WARNING: block times vary by more than 5%: the machine is busy (other processes?); the ratio is "
-              "unreliable, rerun on a quiet machine or with more --repeats")
+        print("  WARNING: block times vary by more than 5%: the machine is busy (other processes?) and the ratio is "
+              "unreliable; rerun on a quiet machine, with more --repeats, or with OMP_WAIT_POLICY=PASSIVE or "
+              "--threads 1 (see bench/README.md)")
     print(f"  (after all {total_steps} steps per side the parameters still differ by at most {drift:.3g})")
     verdict = "PASS" if ratio <= GOAL else "ABOVE GOAL"
     print(f"{verdict}: {ratio:.3f} {'<=' if ratio <= GOAL else '>'} {GOAL}")

@@ -45,10 +45,14 @@ class Fixed(Weighting):
         self._weights.update({t: float(self.given.get(t, self.default)) for t in self.aux_tasks})
 
     def combine(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
-        total = self._weights[self.main_task] * losses.mean(self.main_task)
+        # Weights of exactly 1 skip the multiplication (one op fewer forward and backward per task).
+        w = self._weights[self.main_task]
+        total = losses.mean(self.main_task) if w == 1.0 else w * losses.mean(self.main_task)
         for task in losses.aux_tasks:
             w = self._weights[task]
-            if w != 0.0:
+            if w == 1.0:
+                total = total + losses.mean(task)
+            elif w != 0.0:
                 total = total + w * losses.mean(task)
         return total
 
