@@ -187,3 +187,29 @@ def test_readme_commands_are_the_ones_ci_runs():
     ci = (REPO / ".ci" / "run").read_text()
     assert "auxframe run --gin gin_configs/quickstart.gin" in readme
     assert "pytest" in ci and "pip install -e" in ci
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resume_continues(tmp_path):
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "auxframe", "run", "--gin", QUICKSTART, *quick_params(steps=100_000), "--run-dir", str(run_dir)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (run_dir / "scalars.jsonl").is_file() or (run_dir / "scalars.jsonl").stat().st_size == 0:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped at step" in err and "--resume" in err
+    step = int(err.split("stopped at step ")[1].split(";")[0])
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts[-1] == f"step_{step:08d}.pt"
+    assert not (run_dir / "metrics.json").exists()
+    done = subprocess.run(cmd[:-2 - 2 * len(quick_bindings())] + [*quick_params(steps=step + 2), "--run-dir", str(run_dir), "--resume"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"after {step + 2} steps" in done.stdout
