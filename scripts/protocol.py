@@ -6,9 +6,11 @@ go to ``<out>/<method>/n<n>/seed<s>`` and a finished run is never run again, so 
 stopped and continued.
 
     python scripts/protocol.py run --methods stl,stl_plus,equal_rotation --n 5 10 --seeds 5
+    python scripts/protocol.py timing --methods stl,stl_plus,equal_rotation
     python scripts/protocol.py report --methods stl,stl_plus,equal_rotation --n 5 10 --seeds 5
 
-``report`` prints the markdown table of docs/results.md (mean and 95% confidence interval of the
+``timing`` measures each method's training step time relative to STL back to back (the grid's own
+wall times depend on whatever else ran beside each run). ``report`` prints the markdown table of docs/results.md (mean and 95% confidence interval of the
 main-task test accuracy of the best-on-validation state, final weights, wall time relative to STL,
 and the command of each row) and writes the plots under docs/.
 """
@@ -93,6 +95,33 @@ def run_grid(args: argparse.Namespace) -> None:
         list(pool.map(one, jobs))
 
 
+def timing(args: argparse.Namespace) -> None:
+    """Per-step training time of each method relative to STL, measured back to back on one quiet
+    machine (1 thread, evaluation and checkpoints off, first interval dropped as warm-up), the order
+    of methods alternating between repeats. Written to ``<out>/timing.json``, read by ``report``."""
+    import statistics
+    import tempfile
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    steps = {key: [] for key in args.methods}
+    for rep in range(args.timing_repeats):
+        order = args.methods if rep % 2 == 0 else args.methods[::-1]
+        for key in order:
+            with tempfile.TemporaryDirectory() as tmp:
+                run_dir = Path(tmp) / "run"
+                extra = ("train.steps = 300", "train.eval_every = 0", "train.checkpoint_every = 0", "train.log_every = 50")
+                cmd = command(METHODS[key], 10, 0, run_dir, tuple(args.param) + extra)
+                cmd[0:1] = [sys.executable, "-m", "auxframe"]
+                subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True)
+                rows = [json.loads(x) for x in (run_dir / "scalars.jsonl").read_text().splitlines()]
+                steps[key] += [r["time/step_ms"] for r in rows if "time/step_ms" in r][1:]
+    ms = {key: statistics.median(v) for key, v in steps.items()}
+    out = {key: {"step_ms": ms[key], "vs_stl": ms[key] / ms["stl"] if "stl" in ms else None} for key in ms}
+    (args.out / "timing.json").write_text(json.dumps(out, indent=2) + "\n")
+    for key, v in out.items():
+        print(f"{key:22s} {v['step_ms']:8.2f} ms/step  {v['vs_stl'] or float('nan'):5.2f}x STL")
+
+
 def _ci95(values: list[float]) -> tuple[float, float]:
     from scipy import stats
 
@@ -119,9 +148,8 @@ def report(args: argparse.Namespace) -> None:
     rows = ["| data | n/class | method | aux tasks | seeds | test acc mean ± 95% CI | final weights (mean) | time vs STL | command |",
             "|---|---|---|---|---|---|---|---|---|"]
     for n in args.n:
-        stl_time = None
-        if ("stl", n) in results:
-            stl_time = sum(r["wall_time_s"] for r in results[("stl", n)]) / len(results[("stl", n)])
+        timing_file = args.out / "timing.json"
+        timed = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
         for key in args.methods:
             rs = results.get((key, n), [])
             if not rs:
@@ -129,8 +157,7 @@ def report(args: argparse.Namespace) -> None:
             m = METHODS[key]
             mean, ci = _ci95([100 * r["best"][args.split] for r in rs])
             weights = _mean_weights(rs)
-            t = sum(r["wall_time_s"] for r in rs) / len(rs)
-            rel = f"{t / stl_time:.2f}x" if stl_time else "—"
+            rel = f"{timed[key]['vs_stl']:.2f}x" if timed.get(key, {}).get("vs_stl") else "—"
             cmd = shown(command(m, n, 0, Path(f"runs/{key}-n{n}-seed0"), tuple(args.param)))
             rows.append(f"| digits | {n} | {m.label} | {m.aux_tasks} | {len(rs)} | {mean:.1f} ± {ci:.1f} | "
                         f"{weights} | {rel} | `{cmd}` |")
@@ -217,7 +244,7 @@ def _plot_weights(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["run", "report"])
+    p.add_argument("action", choices=["run", "report", "timing"])
     p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     p.add_argument("--n", type=int, nargs="+", default=[5, 10])
     p.add_argument("--seeds", type=int, default=5)
@@ -225,13 +252,14 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--plots", type=Path, default=None, help="folder for the PNG plots (e.g. docs)")
     p.add_argument("--param", action="append", default=[], help="extra gin binding for every run (repeatable)")
+    p.add_argument("--timing-repeats", type=int, default=2)
     p.add_argument("--split", choices=["test", "val"], default="test",
                    help="report the best state's test accuracy (results) or validation accuracy (selection)")
     args = p.parse_args()
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
-    run_grid(args) if args.action == "run" else report(args)
+    {"run": run_grid, "report": report, "timing": timing}[args.action](args)
 
 
 if __name__ == "__main__":
