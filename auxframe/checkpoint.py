@@ -41,6 +41,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict[str, Any]
     """Write ``state`` as ``checkpoints/step_<step>.pt`` atomically; keep the newest ``keep``."""
     d = checkpoint_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
+    for stale in d.glob(".tmp-*.pt"):  # left by a process killed mid-write (one writer per run dir)
+        stale.unlink(missing_ok=True)
     final = d / f"step_{step:08d}.pt"
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=d)
     try:
