@@ -202,6 +202,22 @@ class AuxNet(nn.Module):
             value = _inverse_softplus(value.clamp(min=_SOFTPLUS_MIN_INIT))
         layer.weight.copy_(value)
 
+    def _init_layers_uniform_(self, init_upper: float) -> None:
+        """Weights of ``self.layers`` uniform in ``[0, init_upper]`` (reference init), biases 0."""
+        for layer in self.layers:
+            self._init_weight_(layer, torch.empty_like(layer.weight).uniform_(0.0, float(init_upper)))
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+    def _run_layers(self, x: torch.Tensor, apply: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """``self.layers`` with the activation between them; ``apply(x, weight, layer)`` runs one."""
+        act = ACTIVATIONS[self.activation][0]
+        for i, layer in enumerate(self.layers):
+            x = apply(x, self._weight(layer), layer)
+            if i < len(self.layers) - 1:
+                x = act(x)
+        return x
+
     def _check_tasks(self, losses: torch.Tensor) -> None:
         if not isinstance(losses, torch.Tensor) or losses.dim() < 2 or losses.shape[1] != self.num_tasks:
             shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
@@ -334,10 +350,7 @@ class NonlinearAuxNet(AuxNet):
         self.layers = nn.ModuleList(
             nn.Linear(d_in, d_out, bias=i < last) for i, (d_in, d_out) in enumerate(zip(dims, dims[1:]))
         )
-        for layer in self.layers:
-            self._init_weight_(layer, torch.empty_like(layer.weight).uniform_(0.0, float(init_upper)))
-            if layer.bias is not None:
-                nn.init.zeros_(layer.bias)
+        self._init_layers_uniform_(init_upper)
 
     def _weight_layers(self) -> list[nn.Module]:
         return list(self.layers)
@@ -352,12 +365,7 @@ class NonlinearAuxNet(AuxNet):
 
     def unreduced(self, losses: torch.Tensor) -> torch.Tensor:
         """``g(losses[b])`` for every sample, shape ``(B,)``."""
-        act = ACTIVATIONS[self.activation][0]
-        x = losses
-        for i, layer in enumerate(self.layers):
-            x = F.linear(x, self._weight(layer), layer.bias)
-            if i < len(self.layers) - 1:
-                x = act(x)
+        x = self._run_layers(losses, lambda x, w, layer: F.linear(x, w, layer.bias))
         return x.squeeze(-1)
 
 
@@ -419,10 +427,7 @@ class ConvAuxNet(AuxNet):
             nn.Conv2d(d_in, d_out, kernel_size=k, padding=k // 2, bias=i < len(kernel_sizes) - 1)
             for i, (d_in, d_out, k) in enumerate(zip(dims, dims[1:], kernel_sizes))
         )
-        for layer in self.layers:
-            self._init_weight_(layer, torch.empty_like(layer.weight).uniform_(0.0, float(init_upper)))
-            if layer.bias is not None:
-                nn.init.zeros_(layer.bias)
+        self._init_layers_uniform_(init_upper)
 
     def _weight_layers(self) -> list[nn.Module]:
         return list(self.layers)
@@ -438,10 +443,4 @@ class ConvAuxNet(AuxNet):
 
     def unreduced(self, losses: torch.Tensor) -> torch.Tensor:
         """The per-pixel combined loss map, shape ``(B, 1, H, W)``."""
-        act = ACTIVATIONS[self.activation][0]
-        x = losses
-        for i, layer in enumerate(self.layers):
-            x = F.conv2d(x, self._weight(layer), layer.bias, padding=layer.padding)
-            if i < len(self.layers) - 1:
-                x = act(x)
-        return x
+        return self._run_layers(losses, lambda x, w, layer: F.conv2d(x, w, layer.bias, padding=layer.padding))

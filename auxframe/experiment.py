@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from auxframe import config, rundir
 from auxframe.data.splits import LowDataSplit
-from auxframe.errors import ConfigError, DataError, TaskGraphError
+from auxframe.errors import ConfigError, TaskGraphError
 from auxframe.loggers import ScalarLog, WandbLogger
 from auxframe.models.multitask import MultiTaskModel
 from auxframe.registry import registry

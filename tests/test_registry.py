@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import uuid
-from importlib import metadata
 from pathlib import Path
 
 import gin
@@ -27,7 +26,7 @@ import pytest
 
 import plugin_fixtures as fx
 from auxframe.errors import PluginError, PluginLoadError
-from auxframe.registry import KINDS, Registry, _dist_of, plugin_parameters
+from auxframe.registry import KINDS, _dist_of, plugin_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 
