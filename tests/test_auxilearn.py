@@ -175,3 +175,38 @@ def test_outer_step_leaves_batchnorm_statistics_alone():
     # the linear net starts at weight 1 for every task, so the one inner step is Equal's step
     for k in without:
         assert torch.allclose(with_outer[k], without[k]), k
+
+
+@pytest.mark.parametrize("method, mixed, curvature", [
+    ("first_order", "jacobian", "hessian"),
+    ("cg", "vjp", "gauss_newton"),  # CG needs positive curvature; early in training the Hessian is not
+    ("neumann", "jacobian", "hessian"),
+])
+def test_other_solvers_and_mixed_terms_run_in_the_weighting(tmp_path, method, mixed, curvature):
+    result = run(tmp_path / "s", steps=4, **{
+        "weightings.auxilearn.method": f"'{method}'", "weightings.auxilearn.mixed": f"'{mixed}'",
+        "weightings.auxilearn.curvature": f"'{curvature}'", "weightings.auxilearn.auxnet": "@auxnets.linear",
+    })
+    rows = scalars(tmp_path / "s")
+    norms = [r["auxilearn/hypergrad_norm"] for r in rows if "auxilearn/hypergrad_norm" in r]
+    assert norms and all(n > 0 for n in norms)
+    assert any("auxilearn/top_eigenvalue" in r for r in rows) == (method == "neumann")
+    assert result["steps"] == 4
+
+
+def test_first_order_with_the_jacobian_mixed_term_equals_minus_the_gradient_alignment():
+    # J = 0, unscaled: dL_A/dw_k = -<grad_W l_k, grad_W L_A> for the linear net's weight of task k.
+    torch.manual_seed(0)
+    W = torch.randn(5, requires_grad=True)
+    x, xa = torch.randn(8, 5), torch.randn(6, 5)
+    l_main, l_aux = (x @ W - 1).pow(2), (x @ W + 2).pow(2)
+    from auxframe import hypergrad
+    from auxframe.auxnets import LinearAuxNet
+
+    net = LinearAuxNet(2)
+    train_loss = net(torch.stack([l_main, l_aux], 1))
+    outer = (xa @ W).pow(2).mean()
+    res = hypergrad.hypergradient(train_loss, outer, [W], list(net.parameters()), method="first_order", mixed="jacobian")
+    g_outer = torch.autograd.grad(outer, W, retain_graph=True)[0]
+    expected = [-(torch.autograd.grad(l.mean(), W, retain_graph=True)[0] @ g_outer) for l in (l_main, l_aux)]
+    assert torch.allclose(res.grads[0].flatten(), torch.stack(expected), rtol=1e-5)

@@ -62,6 +62,10 @@ class AuxiLearn(Weighting):
         outer_bn_mode: BatchNorm mode during the outer step, ``'train'`` (batch statistics) or
             ``'eval'`` (running statistics); either way the running statistics are left as they were.
         alpha_refresh: re-estimate ``alpha='auto'`` every this many outer steps (0: only once).
+        mixed: how the mixed term is computed: ``'vjp'`` (one backward through the gradient graph)
+            or ``'jacobian'`` (one first-order backward per element of phi; with
+            ``method='first_order'`` it needs no double backward through the model, for models
+            with operations that lack it).
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class AuxiLearn(Weighting):
         inner_params: str = "shared",
         outer_bn_mode: str = "train",
         alpha_refresh: int = 0,
+        mixed: str = "vjp",
     ):
         _check_choice("inner_params", inner_params, _INNER)
         _check_choice("outer_bn_mode", outer_bn_mode, _BN_MODES)
@@ -98,6 +103,8 @@ class AuxiLearn(Weighting):
         self.alpha_setting, self.scale_by_alpha = alpha, scale_by_alpha
         self.grad_clip, self.inner_params = grad_clip, inner_params
         self.outer_bn_mode, self.alpha_refresh = outer_bn_mode, alpha_refresh
+        _check_choice("mixed", mixed, ("vjp", "jacobian"))
+        self.mixed = mixed
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self, info: WeightingSetup) -> None:
@@ -163,8 +170,7 @@ class AuxiLearn(Weighting):
             outer_loss = sum(ctx.aux_set_losses().mean(self.main_task) for _ in range(self.aux_batches)) / self.aux_batches
             inner = self._inner_parameters(ctx)
             curvature = self._curvature_args(train_losses)
-            if self.alpha is None or (self.alpha_refresh and self.outer_steps % self.alpha_refresh == 0
-                                      and self.alpha_setting == "auto"):
+            if self._alpha_due():
                 top = hypergrad.top_eigenvalue(train_loss, inner, seed=self.outer_steps, **curvature)
                 # Power iteration finds the eigenvalue of largest magnitude; bounding alpha by it keeps
                 # alpha * lambda < 2 for every positive eigenvalue (negative ones diverge regardless).
@@ -172,8 +178,9 @@ class AuxiLearn(Weighting):
                 self._logs["auxilearn/top_eigenvalue"] = top
             result = hypergrad.hypergradient(
                 train_loss, outer_loss, inner, list(self.auxnet.parameters()),
-                method=self.method, neumann_terms=self.neumann_terms, alpha=self.alpha,
-                scale_by_alpha=self.scale_by_alpha, **curvature,
+                method=self.method, neumann_terms=self.neumann_terms,
+                alpha=self.alpha if self.alpha is not None else 1.0,  # (unused by cg / exact)
+                scale_by_alpha=self.scale_by_alpha, mixed=self.mixed, **curvature,
             )
         finally:
             _restore_batchnorm_mode(bn_modes)
@@ -190,8 +197,15 @@ class AuxiLearn(Weighting):
             "auxilearn/hypergrad_norm": norm,
             "auxilearn/outer_loss": float(outer_loss.detach()),
             "auxilearn/diverging": float(result.diverging),
-            "auxilearn/alpha": float(self.alpha),
+            "auxilearn/alpha": float(self.alpha) if self.alpha is not None else float("nan"),
         })
+
+    def _alpha_due(self) -> bool:
+        """Whether ``alpha='auto'`` needs a (new) power-iteration estimate before this outer step."""
+        uses_alpha = self.method == "neumann" or (self.method == "first_order" and self.scale_by_alpha)
+        if self.alpha_setting != "auto" or not uses_alpha:
+            return False
+        return self.alpha is None or bool(self.alpha_refresh and self.outer_steps % self.alpha_refresh == 0)
 
     def _curvature_args(self, losses: TaskLosses) -> dict[str, Any]:
         """Keyword arguments selecting the curvature; Gauss-Newton works on the heads' outputs."""
