@@ -97,7 +97,8 @@ class AuxNet(nn.Module):
     """Base class: input checks, the skip connection, projection and effective weights.
 
     Subclasses build their layers, list the ones whose ``weight`` is constrained in
-    :meth:`_weight_layers`, and implement :meth:`unreduced`.
+    :meth:`_weight_layers` (default: ``self.layers``), set :attr:`input_dim`, and implement
+    :meth:`unreduced`.
 
     Args:
         num_tasks: number of tasks, main task included (the size of the loss tensor's dim 1).
@@ -138,16 +139,25 @@ class AuxNet(nn.Module):
         self.skip_main = bool(skip_main)
         self.monotone = monotone
 
-    # -- to be provided by subclasses --------------------------------------------------------
+    # -- provided by subclasses ---------------------------------------------------------------
+    #: ``losses.dim()`` the network takes (2 per sample, 4 per pixel), and where to go otherwise.
+    input_dim: int | None = None
+    input_hint: str = ""
+
     def _weight_layers(self) -> list[nn.Module]:
-        """Layers whose ``weight`` must be non-negative in a monotone net."""
-        raise NotImplementedError
+        """Layers whose ``weight`` must be non-negative in a monotone net (default: ``self.layers``)."""
+        return list(self.layers)
 
     def unreduced(self, losses: torch.Tensor) -> torch.Tensor:
-        """``g(losses)`` before the mean and without the skip connection."""
-        raise NotImplementedError
+        """``g(losses)`` before the mean and without the skip connection (each subclass defines it)."""
+        raise NotImplementedError(f"{type(self).__name__} must define unreduced(losses), the per-sample loss map")
 
     def _check_input(self, losses: torch.Tensor) -> None:
+        if self.input_dim is not None and isinstance(losses, torch.Tensor) and losses.dim() != self.input_dim:
+            raise ValueError(
+                f"{type(self).__name__} got losses of shape {tuple(losses.shape)}; it takes {self.input_hint} "
+                f"(T={self.num_tasks})."
+            )
         self._check_tasks(losses)
 
     # -- shared ------------------------------------------------------------------------------
@@ -352,16 +362,8 @@ class NonlinearAuxNet(AuxNet):
         )
         self._init_layers_uniform_(init_upper)
 
-    def _weight_layers(self) -> list[nn.Module]:
-        return list(self.layers)
-
-    def _check_input(self, losses: torch.Tensor) -> None:
-        if isinstance(losses, torch.Tensor) and losses.dim() != 2:
-            raise ValueError(
-                f"NonlinearAuxNet takes per-sample losses (B, {self.num_tasks}); got shape "
-                f"{tuple(losses.shape)}. For per-pixel losses (B, T, H, W) use ConvAuxNet (plugin 'conv')."
-            )
-        self._check_tasks(losses)
+    input_dim = 2
+    input_hint = "per-sample losses (B, T); for per-pixel losses (B, T, H, W) use ConvAuxNet (plugin 'conv')"
 
     def unreduced(self, losses: torch.Tensor) -> torch.Tensor:
         """``g(losses[b])`` for every sample, shape ``(B,)``."""
@@ -429,17 +431,9 @@ class ConvAuxNet(AuxNet):
         )
         self._init_layers_uniform_(init_upper)
 
-    def _weight_layers(self) -> list[nn.Module]:
-        return list(self.layers)
-
-    def _check_input(self, losses: torch.Tensor) -> None:
-        if isinstance(losses, torch.Tensor) and losses.dim() != 4:
-            raise ValueError(
-                f"ConvAuxNet takes per-pixel losses (B, T={self.num_tasks}, H, W); got shape "
-                f"{tuple(losses.shape)}. For per-sample losses (B, T) use LinearAuxNet ('linear') or "
-                f"NonlinearAuxNet ('nonlinear')."
-            )
-        self._check_tasks(losses)
+    input_dim = 4
+    input_hint = ("per-pixel losses (B, T, H, W); for per-sample losses (B, T) use LinearAuxNet ('linear') "
+                  "or NonlinearAuxNet ('nonlinear')")
 
     def unreduced(self, losses: torch.Tensor) -> torch.Tensor:
         """The per-pixel combined loss map, shape ``(B, 1, H, W)``."""

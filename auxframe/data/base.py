@@ -48,10 +48,11 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def targets(self, field: str) -> np.ndarray:
         """Labels of every example for ``field`` (int64 array of length ``len(self)``)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define targets(field) (the splitter stratifies on it)")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError
+        """One example: image ``(C, H, W)`` and its labels by field (or override :meth:`get_batch`)."""
+        raise NotImplementedError(f"{type(self).__name__} must define __getitem__ or get_batch")
 
     def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Images ``(B, C, H, W)`` float32 and a dict field -> labels ``(B,)`` int64."""

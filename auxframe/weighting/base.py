@@ -174,8 +174,11 @@ class Weighting:
         return []
 
     def combine(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
-        """Combine the task losses into the scalar the model is trained on."""
-        raise NotImplementedError
+        """Combine the task losses into the scalar the model is trained on.
+
+        Every weighting defines this, or overrides :meth:`backward` to write gradients itself.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must define combine(losses, ctx) or override backward()")
 
     def backward(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
         """Put gradients into ``.grad`` of the parameters; returns the combined loss (detached)."""
