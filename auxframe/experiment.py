@@ -90,48 +90,49 @@ def train(
     _require(backbone, "backbone", "@backbones.small_cnn", "gin_configs/models/small_cnn.gin")
     _check_positive(steps=steps, batch_size=batch_size, log_every=log_every, eval_batch_size=eval_batch_size)
     run = rundir.RunDir(run_dir, resume, gin.config_str()) if run_dir is not None else None
-    resume_state = run.resume_state() if run is not None else None
-
-    device_ = resolve_device(device)
-    seed_everything(seed)
-    split_ = (split or LowDataSplit())(dataset)
-    resolved = resolve_tasks(tasks, dataset)
-    model = build_model(backbone, tasks, resolved, dataset).to(device_)
-    weighting = weighting if weighting is not None else registry.get("weightings", "equal")()
-    schedule = Schedule(steps, batch_size, dict(pool_batch_sizes or {}), eval_every, eval_batch_size,
-                        log_every, checkpoint_every, keep_checkpoints)
-    main_pool = split_.pool(tasks.main.pool)
-    weighting.setup(WeightingSetup(
-        main_task=tasks.main.name, aux_tasks=[t.name for t in tasks.aux], model=model,
-        shared_parameters=model.shared_parameters(), device=device_, total_steps=steps,
-        steps_per_epoch=max(1, len(main_pool) // min(schedule.pool_batch_sizes.get(tasks.main.pool, batch_size), len(main_pool))),
-        has_aux_set=len(split_.aux) > 0,
-    ))
-    if weighting.outer_every and len(split_.aux) == 0:
-        raise ConfigError(
-            f"weighting {type(weighting).__name__} takes outer steps on the held-out auxiliary set, but the "
-            f"split has none. Set `LowDataSplit.aux_per_class` (e.g. 5) or `LowDataSplit.aux_fraction`."
-        )
-    optimizer_ = (optimizer or gin.get_configurable("torch.optim.Adam"))(
-        list(model.parameters()) + list(weighting.inner_parameters())
-    )
-    scheduler_ = scheduler(optimizer_) if scheduler is not None else None
-
     loggers: list[Any] = []
-    wandb_logger = wandb or WandbLogger()
-    if run is not None:
-        run.create()
-        loggers.append(ScalarLog(run.path))
-        wandb_id = wandb_logger.start(run.path, run.path.name, config.as_dict(gin.operative_config_str()), run.wandb_id())
-        run.record_wandb_id(wandb_id)
-        loggers.append(wandb_logger)
-    trainer = Trainer(
-        model, tasks, resolved, dataset, split_, weighting, optimizer_, scheduler_, schedule, device_,
-        seed=seed, run_dir=run.path if run else None, loggers=loggers, progress=progress,
-    )
-    if resume_state is not None:
-        trainer.load_state_dict(resume_state)
-    try:
+    try:  # the run directory's lock and the loggers are released however the run ends
+        resume_state = run.resume_state() if run is not None else None
+
+        device_ = resolve_device(device)
+        seed_everything(seed)
+        split_ = (split or LowDataSplit())(dataset)
+        resolved = resolve_tasks(tasks, dataset)
+        model = build_model(backbone, tasks, resolved, dataset).to(device_)
+        weighting = weighting if weighting is not None else registry.get("weightings", "equal")()
+        schedule = Schedule(steps, batch_size, dict(pool_batch_sizes or {}), eval_every, eval_batch_size,
+                            log_every, checkpoint_every, keep_checkpoints)
+        main_pool = len(split_.pool(tasks.main.pool))  # PoolLoader drops each epoch's ragged end:
+        main_batch = min(schedule.pool_batch_sizes.get(tasks.main.pool, batch_size), main_pool)
+        weighting.setup(WeightingSetup(
+            main_task=tasks.main.name, aux_tasks=[t.name for t in tasks.aux], model=model,
+            shared_parameters=model.shared_parameters(), device=device_, total_steps=steps,
+            steps_per_epoch=main_pool // max(main_batch, 1),  # (an empty pool fails in its loader)
+            has_aux_set=len(split_.aux) > 0,
+        ))
+        if weighting.outer_every and len(split_.aux) == 0:
+            raise ConfigError(
+                f"weighting {type(weighting).__name__} takes outer steps on the held-out auxiliary set, but the "
+                f"split has none. Set `LowDataSplit.aux_per_class` (e.g. 5) or `LowDataSplit.aux_fraction`."
+            )
+        optimizer_ = (optimizer or gin.get_configurable("torch.optim.Adam"))(
+            list(model.parameters()) + list(weighting.inner_parameters())
+        )
+        scheduler_ = scheduler(optimizer_) if scheduler is not None else None
+
+        wandb_logger = wandb or WandbLogger()
+        if run is not None:
+            run.create()
+            loggers.append(ScalarLog(run.path))
+            wandb_id = wandb_logger.start(run.path, run.path.name, config.as_dict(gin.operative_config_str()), run.wandb_id())
+            run.record_wandb_id(wandb_id)
+            loggers.append(wandb_logger)
+        trainer = Trainer(
+            model, tasks, resolved, dataset, split_, weighting, optimizer_, scheduler_, schedule, device_,
+            seed=seed, run_dir=run.path if run else None, loggers=loggers, progress=progress,
+        )
+        if resume_state is not None:
+            trainer.load_state_dict(resume_state)
         if run is not None:
             run.write_operative_config()
         result = trainer.fit()
