@@ -128,6 +128,8 @@ class Trainer:
         )
         self._stop_requested = False
         self.best: dict[str, Any] | None = None
+        self._aux_names = [t.name for t in graph.aux]  # computed once, not on every step
+        self._group_tasks = [g.tasks for g in self.groups]
 
     # -- data ------------------------------------------------------------------------------------
     def _make_loader(self, pool: str, index: int, data: Any = None) -> PoolLoader:
@@ -162,7 +164,7 @@ class Trainer:
     def _losses_from(self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> TaskLosses:
         values = {t: self.tasks[t].loss(outputs[t], targets[t]) for t in outputs}
         return TaskLosses(
-            values, self.graph.main.name, [t.name for t in self.graph.aux], [g.tasks for g in self.groups],
+            values, self.graph.main.name, self._aux_names, self._group_tasks,
             outputs=outputs, from_outputs=lambda new: self._losses_from(new, targets),
         )
 
