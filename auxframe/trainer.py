@@ -154,18 +154,24 @@ class Trainer:
         """Unreduced losses of every needed task, given one raw batch per group."""
         outputs: dict[str, torch.Tensor] = {}
         targets: dict[str, torch.Tensor] = {}
+        features: dict[str, torch.Tensor] = {}
+        inputs: dict[str, torch.Tensor] = {}
         for g in self.groups:
             images, labels = batches[g.key]
             x, group_targets = self._group_batch(g, images, labels, train=True, rng=self.signal_rngs[g.key])
-            outputs.update(self.model(x, tasks=g.tasks))
+            group_outputs, group_features = self.model(x, tasks=g.tasks, return_features=True)
+            outputs.update(group_outputs)
+            features.update(group_features)
+            inputs.update({t: x for t in g.tasks})
             targets.update(group_targets)
-        return self._losses_from(outputs, targets)
+        return self._losses_from(outputs, targets, features, inputs)
 
-    def _losses_from(self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> TaskLosses:
+    def _losses_from(self, outputs, targets, features=None, inputs=None) -> TaskLosses:
         values = {t: self.tasks[t].loss(outputs[t], targets[t]) for t in outputs}
         return TaskLosses(
             values, self.graph.main.name, self._aux_names, self._group_tasks,
             outputs=outputs, from_outputs=lambda new: self._losses_from(new, targets),
+            features=features, inputs=inputs,
         )
 
     def _next_train_losses(self) -> TaskLosses:

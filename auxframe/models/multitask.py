@@ -26,10 +26,20 @@ class MultiTaskModel(nn.Module):
         self.backbone = backbone
         self.heads = nn.ModuleDict(dict(heads))
 
-    def forward(self, x: torch.Tensor, tasks: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, tasks: Iterable[str] | None = None, return_features: bool = False):
+        """Head outputs by task; with ``return_features`` also the representation each head read.
+
+        With ``return_features=True`` each head reads its own view of the backbone's output, so
+        one backward pass gives every task's gradient w.r.t. the representation separately
+        (``torch.autograd.grad(sum_of_losses, [features[t] for t in tasks])``); the views cost
+        nothing and change no value. Returns ``(outputs, features)`` then, both keyed by task.
+        """
         features = self.backbone(x)
         names = self.heads.keys() if tasks is None else tasks
-        return {name: self.heads[name](features) for name in names}
+        if not return_features:
+            return {name: self.heads[name](features) for name in names}
+        views = {name: features.view_as(features) for name in names}
+        return {name: self.heads[name](views[name]) for name in names}, views
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters of the shared backbone (a list, never a generator)."""

@@ -40,6 +40,10 @@ class TaskLosses:
             the trainer provides them (curvature methods that work in output space use them).
         from_outputs: recomputes the losses from other outputs with the same targets, as
             ``from_outputs({task: output}) -> TaskLosses``.
+        features: task -> the shared representation its head read (the backbone's output, one
+            view per task, so that gradients w.r.t. it come out per task in one backward pass).
+        inputs: task -> the input batch of its group (after any signal), for methods that
+            re-run the backbone (forward-mode directional derivatives).
 
     Example:
         >>> total = losses.mean("digit") + 0.5 * losses.mean("parity")
@@ -54,8 +58,12 @@ class TaskLosses:
         groups: Sequence[Sequence[str]] = (),
         outputs: Mapping[str, torch.Tensor] | None = None,
         from_outputs: Callable[[Mapping[str, torch.Tensor]], "TaskLosses"] | None = None,
+        features: Mapping[str, torch.Tensor] | None = None,
+        inputs: Mapping[str, torch.Tensor] | None = None,
     ):
         self.values = dict(values)
+        self.features = dict(features) if features else {}
+        self.inputs = dict(inputs) if inputs else {}
         self.outputs = dict(outputs) if outputs is not None else None
         self.from_outputs = from_outputs
         self.main_task = main_task
