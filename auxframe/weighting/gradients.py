@@ -1,0 +1,342 @@
+"""The per-task gradient engine shared by the gradient-based weightings.
+
+ARML, GCS, OL_AUX, GradNorm and PCGrad all look at the gradients ``g_k`` of the task losses w.r.t.
+the shared parameters, but only through a few quantities: inner products ``<g_k, v>`` with one
+vector, the Gramian ``G[j, k] = <g_j, g_k>`` (norms and cosines are read from it) and, once
+weights are known, the update ``sum_k c_k g_k``. :class:`TaskGradients` computes each of them the
+cheapest exact way and caches it for the step, so a method that asks twice (or two consumers in
+one step) pays once, and a method that asks for nothing pays nothing.
+
+Spaces (``space=``):
+
+* ``'shared'`` - all trainable backbone parameters (the default; what the papers use).
+* ``'last_shared'`` - only the backbone's last layer with parameters (GradNorm's choice; cheap).
+* ``'representation'`` - the backbone's output ``z``: ``g_k = dL_k/dz`` summed over the batch.
+  One backward pass through the heads only gives every task's ``g_k`` at once (each head reads
+  its own view of ``z``; see :class:`auxframe.models.multitask.MultiTaskModel`). All tasks must
+  then share one batch, since ``z`` of different batches are different spaces.
+
+How each quantity is computed:
+
+* Gramian: the Jacobian ``J`` (tasks x parameters) by one *batched* backward pass
+  (``torch.autograd.grad(..., is_grads_batched=True)``: a vmap over the backward with one row of
+  the identity per task) or, with ``batched=False``, one backward per task; then ``J @ J.T``.
+  In representation space the one heads-only backward above gives ``J`` directly.
+* Inner products ``<g_k, v>`` for all k at once, constant in the number of tasks:
+  ``jvp='forward'`` runs the backbone once more in forward mode (``torch.func.jvp``) to get
+  ``dz = (dz/dW) v`` and contracts it with the per-task representation gradients;
+  ``jvp='reverse'`` uses the double-backward identity ``J v = d/du <J^T u, v>`` on the graph
+  already built (exact with dropout, where the forward re-run would draw other masks).
+* Update: :meth:`TaskGradients.backward` writes ``sum_k c_k g_k`` into the shared parameters'
+  ``.grad`` and ``sum_k h_k grad_head_k L_k`` into the heads' by one pass through the heads and
+  one through the backbone - the cost of an ordinary backward pass.
+
+Under ``torchrun`` every gradient-derived quantity is averaged over the ranks (see
+:mod:`auxframe.distributed`) so that every rank derives the same weights.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn as nn
+
+from auxframe import distributed
+from auxframe.errors import ConfigError
+from auxframe.weighting.base import StepContext, TaskLosses
+
+SPACES = ("shared", "last_shared", "representation")
+JVP_MODES = ("forward", "reverse")
+
+
+def check_space(space: str, method: str) -> str:
+    """Validate a ``space=`` argument, naming the method and the choices."""
+    if space not in SPACES:
+        raise ConfigError(f"{method}: space must be one of {SPACES}, got {space!r}.")
+    return space
+
+
+def last_shared_layer(backbone: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters of the backbone's last module that owns parameters directly.
+
+    "Last" is in registration order, which is execution order for the sequential backbones
+    shipped with auxframe (and for torchvision's ResNets).
+    """
+    last: list[nn.Parameter] = []
+    for module in backbone.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if own:
+            last = own
+    if not last:
+        raise ConfigError(f"the backbone {type(backbone).__name__} has no trainable parameters")
+    return last
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
+
+
+class TaskGradients:
+    """Gradient quantities of one step's task losses, computed on demand and cached.
+
+    Use :meth:`of` to share one instance between everything that runs in a step.
+
+    Args:
+        losses: the step's :class:`TaskLosses` (graph alive).
+        ctx: the step context (model, shared parameters).
+        space: ``'shared'``, ``'last_shared'`` or ``'representation'`` (see the module docs).
+        batched: Jacobian by one vmapped backward (True) or one backward per task (False).
+        jvp: ``'forward'`` or ``'reverse'``: how :meth:`inner_products` gets ``J v``.
+    """
+
+    def __init__(
+        self,
+        losses: TaskLosses,
+        ctx: StepContext,
+        space: str = "shared",
+        batched: bool = True,
+        jvp: str = "forward",
+    ):
+        self.losses, self.ctx = losses, ctx
+        self.space = check_space(space, "TaskGradients")
+        if jvp not in JVP_MODES:
+            raise ConfigError(f"TaskGradients: jvp must be one of {JVP_MODES}, got {jvp!r}.")
+        self.batched, self.jvp = bool(batched), jvp
+        self.model = _unwrap(ctx.model)
+        if space == "last_shared":
+            self.params = last_shared_layer(self.model.backbone)
+        else:
+            self.params = list(ctx.shared_parameters)
+        self._jacobians: dict[tuple[str, ...], torch.Tensor] = {}
+        self._rep: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, losses: TaskLosses, ctx: StepContext, space: str = "shared", **options) -> "TaskGradients":
+        """The step's engine for ``space`` (created on first use, then shared through ``ctx.extras``)."""
+        key = ("task_gradients", space, tuple(sorted(options.items())))
+        engine = ctx.extras.get(key)
+        if engine is None or engine.losses is not losses:
+            engine = ctx.extras[key] = cls(losses, ctx, space=space, **options)
+        return engine
+
+    # -- representation gradients ----------------------------------------------------------------
+    def representation_gradients(self) -> dict[str, torch.Tensor]:
+        """``dL_k/dz_k`` for every task with a recorded representation (one heads-only backward)."""
+        if self._rep is None:
+            tasks = [t for t in self.losses.names if t in self.losses.features]
+            missing = [t for t in self.losses.names if t not in self.losses.features]
+            if missing:
+                raise ConfigError(
+                    f"the step's losses carry no representation for task(s) {missing}; representation-"
+                    f"space gradients need the trainer's TaskLosses (features recorded per task)."
+                )
+            total = sum(self.losses.mean(t) for t in tasks)
+            grads = torch.autograd.grad(
+                total, [self.losses.features[t] for t in tasks], retain_graph=True, allow_unused=True
+            )
+            self._rep = {
+                t: (g if g is not None else torch.zeros_like(self.losses.features[t])) for t, g in zip(tasks, grads)
+            }
+        return self._rep
+
+    def _one_batch(self, tasks: Sequence[str]) -> None:
+        bases = {id(self._base(t)) for t in tasks}
+        if len(bases) > 1:
+            raise ConfigError(
+                f"representation-space gradients compare tasks on one batch, but {list(tasks)} were "
+                f"computed on different batches (groups {self.losses.groups}); set the method's "
+                f"`space = 'shared'` (parameter space) for this task graph."
+            )
+
+    def _base(self, task: str) -> torch.Tensor:
+        view = self.losses.features[task]
+        return view._base if view._base is not None else view
+
+    # -- Jacobian and Gramian --------------------------------------------------------------------
+    def jacobian(self, tasks: Sequence[str]) -> torch.Tensor:
+        """Per-task gradients as rows, ``(len(tasks), n)`` with n the size of the space."""
+        key = tuple(tasks)
+        if key not in self._jacobians:
+            if self.space == "representation":
+                self._one_batch(tasks)
+                rep = self.representation_gradients()
+                jac = torch.stack([rep[t].reshape(-1) for t in tasks])
+            else:
+                jac = self._parameter_jacobian(tasks)
+            distributed.all_reduce_mean([jac])
+            if self.space == "representation":
+                # Each rank's per-sample gradients are of its local mean, world times too large.
+                jac = jac / distributed.world_size()
+            self._jacobians[key] = jac
+        return self._jacobians[key]
+
+    def _parameter_jacobian(self, tasks: Sequence[str]) -> torch.Tensor:
+        means = self.losses.means(list(tasks))
+        if self.batched:
+            eye = torch.eye(len(tasks), device=means.device, dtype=means.dtype)
+            rows = torch.autograd.grad(
+                means, self.params, grad_outputs=eye, is_grads_batched=True, retain_graph=True, allow_unused=True
+            )
+            return torch.cat(
+                [
+                    (g if g is not None else torch.zeros((len(tasks), *p.shape), device=p.device, dtype=p.dtype))
+                    .reshape(len(tasks), -1)
+                    for g, p in zip(rows, self.params)
+                ],
+                dim=1,
+            )
+        out = []
+        for i in range(len(tasks)):
+            grads = torch.autograd.grad(means[i], self.params, retain_graph=True, allow_unused=True)
+            out.append(_flat(grads, self.params))
+        return torch.stack(out)
+
+    def gramian(self, tasks: Sequence[str]) -> torch.Tensor:
+        """``G[j, k] = <g_j, g_k>``, ``(T, T)``."""
+        key = ("gramian", *tasks)
+        if key not in self._jacobians:
+            jac = self.jacobian(tasks)
+            self._jacobians[key] = jac @ jac.T
+        return self._jacobians[key]
+
+    def norms(self, tasks: Sequence[str]) -> torch.Tensor:
+        """``||g_k||`` for each task, ``(T,)``."""
+        return self.gramian(tasks).diagonal().clamp_min(0).sqrt()
+
+    # -- gradients and inner products ------------------------------------------------------------
+    def gradient(self, coefficients: Mapping[str, float | torch.Tensor]) -> list[torch.Tensor]:
+        """``sum_k c_k g_k`` over the space's parameters (shared or last layer), as a list of tensors.
+
+        One backward pass of the weighted loss (no per-task gradients), averaged over ranks.
+        """
+        if self.space == "representation":
+            raise ConfigError("gradient() is a parameter-space quantity; use space='shared' or 'last_shared'")
+        total = sum(torch.as_tensor(c) * self.losses.mean(t) for t, c in coefficients.items())
+        grads = torch.autograd.grad(total, self.params, retain_graph=True, allow_unused=True)
+        grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, self.params)]
+        distributed.all_reduce_mean(grads)
+        return grads
+
+    def inner_products(self, tasks: Sequence[str], v: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``<g_k, v>`` for every task at once, ``(T,)``; cost independent of ``len(tasks)``.
+
+        Args:
+            tasks: the tasks.
+            v: a vector over the space's parameters (same shapes as they), the same on every rank.
+        """
+        if self.space == "representation":
+            jac = self.jacobian(tasks)
+            return jac @ torch.cat([x.reshape(-1) for x in v])
+        if self.jvp == "forward" and self.space == "shared" and not _has_dropout(self.model.backbone):
+            out = self._forward_inner_products(tasks, v)
+        else:
+            out = self._reverse_inner_products(tasks, v)
+        distributed.all_reduce_mean([out])
+        return out
+
+    def _reverse_inner_products(self, tasks: Sequence[str], v: Sequence[torch.Tensor]) -> torch.Tensor:
+        means = self.losses.means(list(tasks))
+        u = torch.zeros_like(means, requires_grad=True)
+        jt_u = torch.autograd.grad(means, self.params, grad_outputs=u, create_graph=True, allow_unused=True)
+        pairs = [(g, x) for g, x in zip(jt_u, v) if g is not None]
+        if not pairs:
+            return torch.zeros_like(means)
+        (jv,) = torch.autograd.grad([g for g, _ in pairs], u, grad_outputs=[x for _, x in pairs], retain_graph=True)
+        return jv.detach()
+
+    def _forward_inner_products(self, tasks: Sequence[str], v: Sequence[torch.Tensor]) -> torch.Tensor:
+        rep = self.representation_gradients()
+        backbone = self.model.backbone
+        names = _names_of(backbone, self.params)
+        directional: dict[int, torch.Tensor] = {}
+        out = []
+        for t in tasks:
+            base = self._base(t)
+            if id(base) not in directional:
+                # Copies of the buffers: the re-run must not move BatchNorm's running statistics.
+                buffers = {n: b.clone() for n, b in backbone.named_buffers()}
+                with torch.no_grad(), fwAD.dual_level():
+                    duals = {n: fwAD.make_dual(p.detach(), x.detach()) for n, p, x in zip(names, self.params, v)}
+                    z = torch.func.functional_call(backbone, {**duals, **buffers}, (self.losses.inputs[t],))
+                    directional[id(base)] = fwAD.unpack_dual(z).tangent
+            out.append((rep[t] * directional[id(base)]).sum())
+        return torch.stack(out)
+
+    # -- the update ------------------------------------------------------------------------------
+    def backward(
+        self,
+        shared: Mapping[str, float | torch.Tensor],
+        heads: Mapping[str, float | torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Accumulate ``sum_k shared[k] g_k`` into the backbone's ``.grad`` and ``heads[k] * grad L_k``
+        into each head's, at the cost of one ordinary backward pass.
+
+        Args:
+            shared: task -> coefficient of its gradient in the shared parameters.
+            heads: task -> weight of its loss for its own head (default: 1 for every task).
+
+        Returns:
+            the head-weighted loss, detached (for logging).
+        """
+        tasks = [t for t in self.losses.names if t in shared or (heads and t in heads)]
+        heads = {t: 1.0 for t in tasks} if heads is None else heads
+        rep = self.representation_gradients()
+        head_total = sum(torch.as_tensor(heads.get(t, 0.0)) * self.losses.mean(t) for t in tasks)
+        head_params = [p for t in tasks for p in self.model.head_parameters(t)]
+        if head_params:
+            torch.autograd.backward(head_total, inputs=head_params, retain_graph=True)
+        by_base: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for t in tasks:
+            c = shared.get(t, 0.0)
+            base = self._base(t)
+            contribution = torch.as_tensor(c, dtype=rep[t].dtype, device=rep[t].device) * rep[t]
+            if id(base) in by_base:
+                by_base[id(base)] = (base, by_base[id(base)][1] + contribution)
+            else:
+                by_base[id(base)] = (base, contribution)
+        bases = [b for b, _ in by_base.values()]
+        grads = [g for _, g in by_base.values()]
+        torch.autograd.backward(bases, grad_tensors=grads, inputs=list(self.ctx.shared_parameters))
+        return head_total.detach()
+
+
+def _flat(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
+def _names_of(module: nn.Module, params: Sequence[nn.Parameter]) -> list[str]:
+    by_id = {id(p): n for n, p in module.named_parameters()}
+    try:
+        return [by_id[id(p)] for p in params]
+    except KeyError:
+        raise ConfigError(
+            "forward-mode inner products need the shared parameters to be the backbone's; "
+            "use jvp='reverse' for this model"
+        ) from None
+
+
+def _has_dropout(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules())
+
+
+def project_to_simplex(v: torch.Tensor, total: float) -> torch.Tensor:
+    """Euclidean projection of ``v`` onto ``{w : w >= 0, sum(w) = total}`` (exact, O(n log n)).
+
+    The sort-based algorithm of Held, Wolfe and Crowder (1974) / Duchi et al. (2008): with ``u``
+    sorted decreasingly, ``rho = max{j : u_j - (sum_{i<=j} u_i - total) / j > 0}``,
+    ``theta = (sum_{i<=rho} u_i - total) / rho`` and ``w = max(v - theta, 0)``.
+
+    Args:
+        v: ``(n,)`` vector.
+        total: the sum the result must have (> 0).
+    """
+    if total <= 0:
+        raise ValueError(f"the simplex total must be positive, got {total}")
+    u, _ = torch.sort(v, descending=True)
+    css = torch.cumsum(u, 0) - total
+    idx = torch.arange(1, v.numel() + 1, device=v.device, dtype=v.dtype)
+    rho = int(torch.nonzero(u - css / idx > 0).max())
+    theta = css[rho] / (rho + 1)
+    return torch.clamp(v - theta, min=0)

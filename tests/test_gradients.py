@@ -1,0 +1,157 @@
+"""The per-task gradient engine against explicit per-task backward passes, and the simplex projection."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+
+from auxframe.errors import ConfigError
+from auxframe.models.backbones import SmallCNN
+from auxframe.models.heads import ClassificationHead
+from auxframe.models.multitask import MultiTaskModel
+from auxframe.weighting.base import StepContext, TaskLosses
+from auxframe.weighting.gradients import TaskGradients, last_shared_layer, project_to_simplex
+
+TASKS = ["main", "a", "b", "rot"]
+
+
+def make_step(seed: int = 0, two_batches: bool = True, batch_norm: bool = True):
+    """A small CNN with four heads; 'rot' on a batch of its own when ``two_batches``."""
+    torch.manual_seed(seed)
+    backbone = SmallCNN(input_shape=(1, 8, 8), channels=(4, 6), batch_norm=batch_norm)
+    heads = {t: ClassificationHead((backbone.out_features,), 3) for t in TASKS}
+    model = MultiTaskModel(backbone, heads)
+    x1, x2 = torch.randn(6, 1, 8, 8), torch.randn(5, 1, 8, 8)
+    ce = nn.CrossEntropyLoss(reduction="none")
+    out1, f1 = model(x1, tasks=TASKS[:3] + ([] if two_batches else ["rot"]), return_features=True)
+    values = {t: ce(out1[t], torch.randint(0, 3, (6,))) for t in out1}
+    features, inputs = dict(f1), {t: x1 for t in out1}
+    groups = [tuple(out1)]
+    if two_batches:
+        out2, f2 = model(x2, tasks=["rot"], return_features=True)
+        values["rot"] = ce(out2["rot"], torch.randint(0, 3, (5,)))
+        features.update(f2)
+        inputs["rot"] = x2
+        groups.append(("rot",))
+    losses = TaskLosses(values, "main", TASKS[1:], groups, features=features, inputs=inputs)
+    ctx = StepContext(step=0, model=model, shared_parameters=model.shared_parameters(), train_losses=None)
+    return model, losses, ctx
+
+
+def explicit_jacobian(losses, params):
+    rows = []
+    for t in TASKS:
+        grads = torch.autograd.grad(losses.mean(t), params, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_gramian_matches_explicit_per_task_gradients(batched):
+    model, losses, ctx = make_step()
+    jac = explicit_jacobian(losses, ctx.shared_parameters)
+    engine = TaskGradients(losses, ctx, batched=batched)
+    torch.testing.assert_close(engine.jacobian(TASKS), jac, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(engine.gramian(TASKS), jac @ jac.T, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(engine.norms(TASKS), jac.norm(dim=1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("jvp", ["forward", "reverse"])
+def test_inner_products_match_explicit(jvp):
+    model, losses, ctx = make_step(seed=1)
+    jac = explicit_jacobian(losses, ctx.shared_parameters)
+    v = [torch.randn_like(p) for p in ctx.shared_parameters]
+    got = TaskGradients(losses, ctx, jvp=jvp).inner_products(TASKS, v)
+    torch.testing.assert_close(got, jac @ torch.cat([x.reshape(-1) for x in v]), rtol=1e-4, atol=1e-6)
+
+
+def test_forward_mode_leaves_batchnorm_statistics_alone():
+    model, losses, ctx = make_step(seed=2)
+    before = {k: b.clone() for k, b in model.backbone.named_buffers()}
+    TaskGradients(losses, ctx, jvp="forward").inner_products(TASKS, [torch.ones_like(p) for p in ctx.shared_parameters])
+    for k, b in model.backbone.named_buffers():
+        assert torch.equal(b, before[k]), k
+
+
+def test_last_shared_layer_space_is_the_last_layer():
+    model, losses, ctx = make_step(seed=3)
+    last = last_shared_layer(model.backbone)
+    assert last and all(any(p is q for q in ctx.shared_parameters) for p in last)
+    assert len(last) < len(ctx.shared_parameters)
+    jac = explicit_jacobian(losses, last)
+    torch.testing.assert_close(TaskGradients(losses, ctx, space="last_shared").gramian(TASKS), jac @ jac.T)
+
+
+def test_representation_space_is_the_gradient_wrt_the_features():
+    model, losses, ctx = make_step(seed=4, two_batches=False)
+    z = losses.features["main"]._base
+    rows = [torch.autograd.grad(losses.mean(t), z, retain_graph=True)[0].reshape(-1) for t in TASKS]
+    torch.testing.assert_close(TaskGradients(losses, ctx, space="representation").jacobian(TASKS), torch.stack(rows))
+
+
+def test_representation_space_refuses_tasks_on_different_batches():
+    model, losses, ctx = make_step(seed=4, two_batches=True)
+    with pytest.raises(ConfigError, match="different batches.*space = 'shared'"):
+        TaskGradients(losses, ctx, space="representation").gramian(TASKS)
+
+
+def test_backward_writes_coefficient_sum_to_backbone_and_weighted_losses_to_heads():
+    model, losses, ctx = make_step(seed=5)
+    shared = {"main": 1.0, "a": 0.5, "b": 0.0, "rot": -2.0}
+    heads = {"main": 1.0, "a": 1.0, "b": 1.0, "rot": 0.25}
+    jac = explicit_jacobian(losses, ctx.shared_parameters)
+    expected_shared = torch.tensor([shared[t] for t in TASKS]) @ jac
+    expected_head = torch.autograd.grad(0.25 * losses.mean("rot"), model.head_parameters("rot"), retain_graph=True)
+    TaskGradients(losses, ctx).backward(shared, heads)
+    got = torch.cat([p.grad.reshape(-1) for p in ctx.shared_parameters])
+    torch.testing.assert_close(got, expected_shared, rtol=1e-5, atol=1e-7)
+    for g, p in zip(expected_head, model.head_parameters("rot")):
+        torch.testing.assert_close(p.grad, g)
+    assert all(p.grad is not None for p in model.head_parameters("b"))  # head of a dropped task still trains
+
+
+def test_engine_is_shared_within_a_step():
+    model, losses, ctx = make_step()
+    assert TaskGradients.of(losses, ctx) is TaskGradients.of(losses, ctx)
+    assert TaskGradients.of(losses, ctx) is not TaskGradients.of(losses, ctx, space="last_shared")
+
+
+# -- the simplex projection ------------------------------------------------------------------------
+def brute_force_projection(v, total, steps=4000):
+    """Projected-free reference: minimise ||w - v||^2 on the simplex by exhaustive KKT over supports."""
+    n = v.numel()
+    best, best_d = None, float("inf")
+    for k in range(1, n + 1):
+        for support in itertools.combinations(range(n), k):
+            idx = torch.tensor(support)
+            w = torch.zeros(n, dtype=torch.float64)
+            theta = (v[idx].sum() - total) / k
+            w[idx] = v[idx] - theta
+            if (w >= -1e-12).all() and abs(float(w.sum()) - total) < 1e-9:
+                d = float(((w - v) ** 2).sum())
+                if d < best_d:
+                    best, best_d = w.clamp_min(0), d
+    return best
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_projection_on_set_idempotent_and_equal_to_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 6, (1,), generator=g))
+    v = torch.randn(n, generator=g, dtype=torch.float64) * 3
+    total = float(n)
+    w = project_to_simplex(v, total)
+    assert (w >= 0).all() and abs(float(w.sum()) - total) < 1e-9
+    torch.testing.assert_close(project_to_simplex(w, total), w)
+    torch.testing.assert_close(w, brute_force_projection(v, total))
+
+
+def test_projection_differs_from_shift_then_clamp():
+    v = torch.tensor([3.0, -4.0, 0.0])
+    shifted = (v - (v.sum() - 3) / 3).clamp_min(0)  # the reference code's shift-then-clamp
+    assert abs(float(shifted.sum()) - 3) > 0.1  # leaves the set
+    w = project_to_simplex(v, 3.0)
+    torch.testing.assert_close(w, torch.tensor([3.0, 0.0, 0.0]))
