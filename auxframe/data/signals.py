@@ -8,13 +8,17 @@ taking a float batch ``(B, C, H, W)`` and returning the transformed images ``(B'
 their int64 labels ``(B',)`` in ``[0, num_classes)``, on the input's device. Random signals draw
 only from ``generator`` so that runs are reproducible. ``train=False`` asks for the deterministic
 evaluation form of the task.
+
+The experiment sizes the task's head with ``num_classes``. A signal whose head output is not a
+class score per label (``Exemplar``: an embedding, with instance ids as labels) sets
+``num_classes`` to the head's output size and says so, and also names it ``num_outputs``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from auxframe.errors import DataError
+from auxframe.errors import ConfigError, DataError
 
 
 class Rotation:
@@ -67,12 +71,16 @@ class Rotation:
         return _random_rotations(images, generator)
 
 
-def _check_square(images: torch.Tensor) -> None:
+def _check_batch(images: torch.Tensor, signal: str) -> None:
     if images.ndim != 4:
         raise DataError(
-            f"Rotation needs a batch of images (B, C, H, W), got shape {tuple(images.shape)}; "
+            f"{signal} needs a batch of images (B, C, H, W), got shape {tuple(images.shape)}; "
             f"pass a 4-d batch."
         )
+
+
+def _check_square(images: torch.Tensor) -> None:
+    _check_batch(images, "Rotation")
     height, width = images.shape[-2:]
     if height != width:
         raise DataError(
@@ -101,3 +109,128 @@ def _random_rotations(
     every = torch.stack([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])
     rotated = every[labels, torch.arange(images.shape[0], device=images.device)]
     return rotated, labels
+
+
+class Exemplar:
+    """Exemplar views (Dosovitskiy et al., 2014) for the S4L-Exemplar task (Zhai et al., 2019).
+
+    Each image of a batch of ``B`` becomes ``n_views`` augmented copies, labelled with the image's
+    index in the batch (its instance id); ``heads.embedding`` with ``losses.triplet`` then learns
+    features that are invariant to the augmentations: random horizontal flip, additive Gaussian
+    noise and Cutout (DeVries & Taylor, 2017), as in the ARML paper's semi-supervised setting.
+
+    Layout: the whole batch ``n_views`` times, view by view (like ``Rotation``): example
+    ``v * B + i`` is view ``v`` of image ``i``, with label ``i``. Each copy is augmented
+    independently, in this order (and with draws in this order from the generator): flip with
+    probability ``flip_prob`` (one uniform per copy), add ``noise_std`` times standard normal noise
+    (one per value), then set a square of side ``round(cutout_fraction * min(H, W))``, centred at a
+    uniformly drawn pixel (row, then column) and clipped at the borders, to ``cutout_fill``.
+    Draws are made on the generator's device and moved to the images' device.
+
+    Args:
+        n_views: augmented copies per image (8 in S4L); at least 2, so that every anchor of the
+            triplet loss has a positive.
+        embedding_dim: the embedding head's output size (``num_outputs``).
+        flip_prob: probability of a horizontal flip.
+        noise_std: standard deviation of the noise, in the units of the (normalised) inputs.
+        cutout_fraction: side of the Cutout square as a fraction of the shorter image side (0.5:
+            16 pixels on 32x32 CIFAR images, as DeVries & Taylor use); 0 disables Cutout.
+        cutout_fill: the value written inside the square (0: the mean of normalised inputs).
+        eval_seed: evaluation (``train=False``) draws from a generator seeded with this, so that
+            every evaluation sees the same views.
+
+    Attributes:
+        num_outputs: ``embedding_dim``.
+        num_classes: ``embedding_dim`` too, for code that reads only the classic signal protocol
+            (instance ids are *not* bounded by it: they run over ``0..B-1``).
+
+    Raises:
+        ConfigError: fewer than 2 views, or an out-of-range probability, deviation or fraction.
+
+    Example:
+        >>> views, ids = Exemplar(n_views=4)(images, generator=torch.Generator().manual_seed(0))
+        >>> views.shape[0] == 4 * images.shape[0] and ids[:images.shape[0]].tolist() == list(range(images.shape[0]))
+        True
+    """
+
+    def __init__(
+        self,
+        n_views: int = 8,
+        embedding_dim: int = 128,
+        flip_prob: float = 0.5,
+        noise_std: float = 0.1,
+        cutout_fraction: float = 0.5,
+        cutout_fill: float = 0.0,
+        eval_seed: int = 0,
+    ):
+        checks = [
+            (int(n_views) == n_views and n_views >= 2, "n_views", n_views, "an integer >= 2 (8 in S4L)"),
+            (int(embedding_dim) == embedding_dim and embedding_dim >= 1, "embedding_dim", embedding_dim, "a positive integer"),
+            (0.0 <= flip_prob <= 1.0, "flip_prob", flip_prob, "a probability in [0, 1]"),
+            (noise_std >= 0.0, "noise_std", noise_std, ">= 0"),
+            (0.0 <= cutout_fraction <= 1.0, "cutout_fraction", cutout_fraction, "a fraction in [0, 1]"),
+        ]
+        for ok, name, value, want in checks:
+            if not ok:
+                raise ConfigError(f"signals.exemplar.{name} = {value!r}: it must be {want}.")
+        self.n_views, self.num_outputs = int(n_views), int(embedding_dim)
+        self.num_classes = self.num_outputs
+        self.flip_prob, self.noise_std = float(flip_prob), float(noise_std)
+        self.cutout_fraction, self.cutout_fill = float(cutout_fraction), float(cutout_fill)
+        self.eval_seed = int(eval_seed)
+
+    def __repr__(self) -> str:
+        return (f"Exemplar(n_views={self.n_views}, embedding_dim={self.num_outputs}, flip_prob={self.flip_prob}, "
+                f"noise_std={self.noise_std}, cutout_fraction={self.cutout_fraction})")
+
+    def __call__(
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | None = None,
+        train: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Make ``n_views`` augmented copies of each image, labelled with the image's index.
+
+        Args:
+            images: ``(B, C, H, W)`` float batch.
+            generator: source of every random draw (None: torch's global generator).
+            train: False draws from a generator seeded with ``eval_seed`` (same views each time).
+
+        Returns:
+            ``(views, ids)``: ``(n_views * B, C, H, W)`` and ``[0, ..., B-1] * n_views`` (int64),
+            on the images' device.
+
+        Raises:
+            DataError: ``images`` is not a 4-d batch.
+        """
+        _check_batch(images, "Exemplar")
+        if not train:
+            generator = torch.Generator().manual_seed(self.eval_seed)
+        batch, channels, height, width = images.shape
+        n = self.n_views * batch
+        draw = {"generator": generator, "device": generator.device if generator is not None else torch.device("cpu")}
+        views = images.repeat(self.n_views, 1, 1, 1)
+        flip = (torch.rand(n, **draw) < self.flip_prob).to(images.device)
+        views = torch.where(flip[:, None, None, None], views.flip(-1), views)
+        if self.noise_std:
+            noise = torch.randn(n, channels, height, width, dtype=images.dtype, **draw).to(images.device)
+            views = views + self.noise_std * noise
+        side = round(self.cutout_fraction * min(height, width))
+        if side:
+            views = _cutout(views, side, self.cutout_fill, draw)
+        ids = torch.arange(batch, device=images.device).repeat(self.n_views)
+        return views, ids
+
+
+def _cutout(images: torch.Tensor, side: int, fill: float, draw: dict) -> torch.Tensor:
+    """Set a ``side`` x ``side`` square per image, centred at a random pixel and clipped, to ``fill``."""
+    n, _, height, width = images.shape
+    centre_row = torch.randint(0, height, (n,), **draw).to(images.device)
+    centre_col = torch.randint(0, width, (n,), **draw).to(images.device)
+    top, left = centre_row - side // 2, centre_col - side // 2
+    rows = torch.arange(height, device=images.device)[None, :]
+    cols = torch.arange(width, device=images.device)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < top[:, None] + side)
+    in_cols = (cols >= left[:, None]) & (cols < left[:, None] + side)
+    square = in_rows[:, None, :, None] & in_cols[:, None, None, :]
+    return images.masked_fill(square, fill)
