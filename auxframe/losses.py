@@ -29,16 +29,25 @@ def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 # -- binary and focal ---------------------------------------------------------------------------------
-def _binary_pair(output: torch.Tensor, target: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and float targets of the same shape; a trailing single logit ``(B, 1)`` is squeezed."""
+def binary_logits(output: torch.Tensor, target: torch.Tensor, what: str) -> torch.Tensor:
+    """``output`` as one logit per label, of ``target``'s shape (a trailing ``(B, 1)`` is squeezed).
+
+    Raises:
+        ValueError: the shapes do not match; ``what`` names the loss or metric in the message.
+    """
     if output.ndim == target.ndim + 1 and output.shape[-1] == 1:
         output = output.squeeze(-1)
     if output.shape != target.shape:
         raise ValueError(
-            f"losses.{loss} needs one logit per label: output {tuple(output.shape)} and target "
-            f"{tuple(target.shape)} differ. Use `heads.multilabel` (one logit for a binary label), or "
-            f"`losses.cross_entropy` for a head with two class scores."
+            f"{what} needs one logit per label: output {tuple(output.shape)} and labels {tuple(target.shape)} "
+            f"differ. Use `heads.multilabel` (one logit for a binary label); a head with two class scores "
+            f"goes with `losses.cross_entropy`."
         )
+    return output
+
+
+def _binary_pair(output: torch.Tensor, target: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    output = binary_logits(output, target, f"losses.{loss}")
     return output, target.to(output.dtype)
 
 

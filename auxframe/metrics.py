@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from auxframe.losses import binary_logits
+
 
 class Accuracy:
     """Top-k classification accuracy (fraction of examples whose label is among the k best logits).
@@ -78,13 +80,7 @@ def _binary_scores(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Te
     """Scores (log-odds of label 1) and labels as ``(N, A)``, from one logit or two class scores."""
     if output.ndim == target.ndim + 1 and output.shape[1] == 2:  # two class scores: log-odds of class 1
         output = output[:, 1] - output[:, 0]
-    elif output.ndim == target.ndim + 1 and output.shape[-1] == 1:
-        output = output.squeeze(-1)
-    if output.shape != target.shape:
-        raise ValueError(
-            f"a multi-label metric needs one logit per label (or two class scores per binary label); got "
-            f"output {tuple(output.shape)} for labels {tuple(target.shape)}. Use `heads.multilabel`."
-        )
+    output = binary_logits(output, target, "a multi-label metric")
     if output.ndim == 1:
         output, target = output[:, None], target[:, None]
     return output.detach().float().cpu(), target.detach().long().cpu()

@@ -169,3 +169,52 @@ def test_dense_classification_head_keeps_its_state_dict_layout():
     head = registry.get("heads", "dense_classification")(feature_shape=(8, 4, 4), num_outputs=3, hidden=4)
     assert list(head.state_dict()) == ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]
     assert isinstance(head.net[1], nn.ReLU)
+
+
+# -- heads with their losses and metrics, as a task uses them ----------------------------------------
+def test_binary_attribute_task_gets_one_logit_head_with_bce_and_map():
+    from auxframe.data.digits import digits
+    from auxframe.experiment import build_model, resolve_tasks
+    from auxframe.tasks import Task, TaskGraph
+
+    data = digits()
+    graph = TaskGraph([
+        Task("digit", labels="digit", main=True, metric="accuracy"),
+        Task("parity", labels="parity", head="multilabel", loss="binary_cross_entropy", metric="multilabel_map"),
+        Task("ge5", labels="ge5", head="multilabel", loss="focal", metric="multilabel_f1"),
+    ])
+    resolved = resolve_tasks(graph, data)
+    model = build_model(registry.get("backbones", "small_cnn"), graph, resolved, data)  # dry-runs loss and metric
+    images, labels = data.get_batch(torch.arange(4))
+    out = model(images)
+    assert out["parity"].shape == (4,) and labels["parity"].shape == (4,)
+    assert resolved["parity"].loss(out["parity"], labels["parity"]).shape == (4,)
+
+
+def test_segnet_with_segmentation_depth_and_normal_heads_trains_a_step():
+    torch.manual_seed(0)
+    backbone = registry.get("backbones", "segnet")(input_shape=(3, 16, 16), filters=(8, 8, 8))
+    from auxframe.models import MultiTaskModel
+
+    feat = (8, 16, 16)
+    model = MultiTaskModel(backbone, {
+        "seg": registry.get("heads", "segmentation")(feature_shape=feat, num_outputs=13),
+        "depth": registry.get("heads", "depth")(feature_shape=feat, num_outputs=1),
+        "normals": registry.get("heads", "normals")(feature_shape=feat, num_outputs=3),
+    })
+    images = torch.randn(2, 3, 16, 16)
+    seg = torch.randint(-1, 13, (2, 16, 16))
+    depth = torch.rand(2, 1, 16, 16) * (torch.rand(2, 1, 16, 16) > 0.2)
+    normals = torch.nn.functional.normalize(torch.randn(2, 3, 16, 16), dim=1) * (torch.rand(2, 1, 16, 16) > 0.2)
+    out = model(images)
+    per_pixel = [registry.get("losses", "cross_entropy")(out["seg"], seg), registry.get("losses", "l1_depth")(out["depth"], depth),
+                 registry.get("losses", "cosine_normal")(out["normals"], normals)]
+    assert all(loss.shape == (2, 16, 16) for loss in per_pixel)  # they line up pixel by pixel
+    sum(loss.mean() for loss in per_pixel).backward()
+    grads = [p.grad for p in model.shared_parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    for name, task, target, key in (("miou", "seg", seg, "miou"), ("depth_error", "depth", depth, "abs_err"),
+                                    ("normal_angle", "normals", normals, "mean_angle")):
+        metric = registry.get("metrics", name)()
+        metric.update(out[task].detach(), target)
+        assert torch.isfinite(torch.tensor(metric.compute()[key]))
