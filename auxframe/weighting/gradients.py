@@ -207,12 +207,16 @@ class TaskGradients:
 
     # -- gradients and inner products ------------------------------------------------------------
     def gradient(self, coefficients: Mapping[str, float | torch.Tensor]) -> list[torch.Tensor]:
-        """``sum_k c_k g_k`` over the space's parameters (shared or last layer), as a list of tensors.
+        """``sum_k c_k g_k`` in the space, as a list of tensors (one per parameter; in
+        representation space one flat vector).
 
         One backward pass of the weighted loss (no per-task gradients), averaged over ranks.
         """
         if self.space == "representation":
-            raise ConfigError("gradient() is a parameter-space quantity; use space='shared' or 'last_shared'")
+            tasks = list(coefficients)
+            c = torch.stack([torch.as_tensor(coefficients[t], dtype=torch.float32) for t in tasks])
+            jac = self.jacobian(tasks)
+            return [c.to(jac) @ jac]
         total = sum(torch.as_tensor(c) * self.losses.mean(t) for t, c in coefficients.items())
         grads = torch.autograd.grad(total, self.params, retain_graph=True, allow_unused=True)
         grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, self.params)]

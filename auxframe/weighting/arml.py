@@ -1,0 +1,178 @@
+"""ARML (Shi, Hoffman, Saenko, Darrell, Xu, "Auxiliary Task Reweighting for Minimum-data
+Learning", NeurIPS 2020).
+
+The model trains on ``L = L_main + sum_k w_k L_k``. The auxiliary weights are chosen so that the
+weighted auxiliary gradient matches the main-task gradient on the shared parameters:
+
+    min_w  f(w) = || g_main - sum_k w_k g_k ||^2     on  {w >= 0, sum_k w_k = K},
+
+with gradient ``df/dw_k = -2 <d, g_k>``, ``d = g_main - sum_j w_j g_j``. Every ``update_every``
+steps the weights take one step of their own optimizer along it, then the exact Euclidean
+projection onto the set (the official code shifts then clamps, which can leave the set).
+
+Cost: ``d`` is one backward pass of ``L_main - sum_k w_k L_k``; all K inner products ``<d, g_k>``
+come from one directional derivative of the auxiliary-loss vector along ``d`` (one forward-mode
+pass of the backbone, or a double backward; see :mod:`auxframe.weighting.gradients`), so the
+weight step costs the same at K = 2 and K = 39.
+
+Two algorithms (``algorithm=``):
+
+* ``'langevin'`` (the paper's Algorithm 1): during the first ``burn_in`` steps Gaussian noise of
+  standard deviation ``noise_std`` is added to every model parameter after each optimizer step
+  (Langevin dynamics: with SGD at learning rate eta, ``noise_std = sqrt(2 * eta * temperature)``
+  samples the tempered posterior), so that the weights are fitted on samples around the model
+  rather than on one point; regular updates follow.
+* ``'simple'`` (the paper's Algorithm 2): no noise; weights and model are updated together.
+
+Example (gin)::
+
+    train.weighting = @weightings.arml()
+    weightings.arml.update_every = 20
+    weightings.arml.weight_lr = 0.05
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+
+from auxframe.errors import ConfigError
+from auxframe.weighting.base import StepContext, TaskLosses, Weighting, WeightingSetup
+from auxframe.weighting.gradients import JVP_MODES, TaskGradients, check_space, project_to_simplex
+
+_ALGORITHMS = ("simple", "langevin")
+
+
+class ARML(Weighting):
+    """Auxiliary weights fitted so that their weighted gradient matches the main gradient.
+
+    Args:
+        update_every: steps between weight updates.
+        weight_optimizer: optimizer factory for the weights (default: Adam).
+        weight_lr: learning rate of the weight optimizer.
+        algorithm: ``'simple'`` (Algorithm 2) or ``'langevin'`` (Algorithm 1, noise in burn-in).
+        burn_in: steps of Langevin noise (``algorithm='langevin'`` only).
+        noise_std: standard deviation of the noise added to each parameter per burn-in step.
+        space: where gradients are compared: ``'shared'`` (all backbone parameters, the paper),
+            ``'last_shared'`` or ``'representation'`` (see :mod:`auxframe.weighting.gradients`).
+        jvp: ``'forward'`` or ``'reverse'``: how the inner products are computed.
+        seed: seed of the Langevin noise.
+    """
+
+    def __init__(
+        self,
+        update_every: int = 20,
+        weight_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        weight_lr: float = 0.05,
+        algorithm: str = "simple",
+        burn_in: int = 0,
+        noise_std: float = 0.0,
+        space: str = "shared",
+        jvp: str = "forward",
+        seed: int = 0,
+    ):
+        if int(update_every) < 1:
+            raise ConfigError(f"weightings.arml.update_every must be >= 1, got {update_every}.")
+        if algorithm not in _ALGORITHMS:
+            raise ConfigError(f"weightings.arml.algorithm must be one of {_ALGORITHMS}, got {algorithm!r}.")
+        if algorithm == "simple" and (burn_in or noise_std):
+            raise ConfigError(
+                "weightings.arml.burn_in and noise_std belong to algorithm='langevin'; set "
+                "`weightings.arml.algorithm = 'langevin'` or drop them."
+            )
+        if algorithm == "langevin" and (burn_in <= 0 or noise_std <= 0):
+            raise ConfigError(
+                f"algorithm='langevin' needs burn_in > 0 and noise_std > 0 (got burn_in={burn_in}, "
+                f"noise_std={noise_std}); set both, or use algorithm='simple'."
+            )
+        if jvp not in JVP_MODES:
+            raise ConfigError(f"weightings.arml.jvp must be one of {JVP_MODES}, got {jvp!r}.")
+        self.update_every = int(update_every)
+        self.weight_optimizer_factory = weight_optimizer or torch.optim.Adam
+        self.weight_lr = float(weight_lr)
+        self.algorithm, self.burn_in, self.noise_std = algorithm, int(burn_in), float(noise_std)
+        self.space = check_space(space, "weightings.arml")
+        self.jvp = jvp
+        self.seed = int(seed)
+
+    def setup(self, info: WeightingSetup) -> None:
+        super().setup(info)
+        if not self.aux_tasks:
+            raise ConfigError("ARML weighs auxiliary tasks, but the task graph has none; use weightings.stl.")
+        self.model = info.model
+        self.w = torch.ones(len(self.aux_tasks), device=info.device, requires_grad=True)
+        self.optimizer = self.weight_optimizer_factory([self.w], lr=self.weight_lr)
+        self.noise_rng = torch.Generator(device=info.device).manual_seed(self.seed)
+        self.updates = 0
+        self._logs: dict[str, float] = {}
+
+    # -- the weight step -------------------------------------------------------------------------
+    def weight_gradient(self, losses: TaskLosses, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(df/dw, f)`` at the current weights: ``-2 <d, g_k>`` for every k, and ``||d||^2``."""
+        engine = TaskGradients.of(losses, ctx, space=self.space, jvp=self.jvp)
+        w = self.w.detach()
+        coefficients = {self.main_task: 1.0, **{t: -w[i] for i, t in enumerate(self.aux_tasks)}}
+        d = engine.gradient(coefficients)
+        inner = engine.inner_products(self.aux_tasks, d)
+        objective = sum((x * x).sum() for x in d)
+        return -2.0 * inner, objective
+
+    def _update_weights(self, losses: TaskLosses, ctx: StepContext) -> None:
+        grad, objective = self.weight_gradient(losses, ctx)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.w.grad = grad.to(self.w)
+        self.optimizer.step()
+        with torch.no_grad():
+            self.w.copy_(project_to_simplex(self.w, float(len(self.aux_tasks))))
+        self.updates += 1
+        self._logs = {"arml/objective": float(objective), "arml/weight_grad_norm": float(grad.norm())}
+
+    # -- the protocol ----------------------------------------------------------------------------
+    def combine(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
+        w = self.w.detach().clone()  # a copy: the weight step updates self.w in place
+        total = losses.mean(self.main_task)
+        for i, task in enumerate(self.aux_tasks):
+            if task in losses:
+                total = total + w[i] * losses.mean(task)
+        return total
+
+    def backward(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
+        # The model's step uses the weights the objective was evaluated at (simultaneous update).
+        total = self.combine(losses, ctx)
+        if ctx.step % self.update_every == 0:
+            self._update_weights(losses, ctx)
+        total.backward()
+        return total.detach()
+
+    def after_step(self, ctx: StepContext) -> None:
+        if self.algorithm == "langevin" and ctx.step < self.burn_in:
+            with torch.no_grad():
+                for p in ctx.model.parameters():
+                    if p.requires_grad:
+                        noise = torch.randn(p.shape, generator=self.noise_rng, device=p.device, dtype=p.dtype)
+                        p.add_(noise, alpha=self.noise_std)
+
+    def weights(self) -> dict[str, float]:
+        w = self.w.detach().tolist()
+        return {self.main_task: 1.0, **dict(zip(self.aux_tasks, w))}
+
+    def log_values(self) -> dict[str, float]:
+        return {**super().log_values(), **self._logs}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "w": self.w.detach().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "noise_rng": self.noise_rng.get_state(),
+            "updates": self.updates,
+            "logs": dict(self._logs),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        with torch.no_grad():
+            self.w.copy_(state["w"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.noise_rng.set_state(state["noise_rng"])
+        self.updates = int(state["updates"])
+        self._logs = dict(state["logs"])
