@@ -1,4 +1,4 @@
-"""The ``auxframe`` command: ``run``, ``list`` and ``describe``.
+"""The ``auxframe`` command: ``run``, ``list``, ``describe`` and ``labels``.
 
 This module imports only the standard library at import time; torch is imported by the commands
 that need it, so ``auxframe --help`` answers at once.
@@ -36,6 +36,15 @@ def _parser() -> argparse.ArgumentParser:
 
     desc = sub.add_parser("describe", help="show a plugin's documentation and parameters")
     desc.add_argument("plugin", metavar="KIND.NAME", help="e.g. backbones.small_cnn")
+
+    labels = sub.add_parser("labels", help="save a grid of examples per generated auxiliary class of a run")
+    labels.add_argument("run_dir", metavar="RUN_DIR", help="a run with a generated-label task (Task.generator)")
+    labels.add_argument("--out", required=True, metavar="PNG", help="the image to write, e.g. grid.png")
+    labels.add_argument("--pool", default="train", help="split pool to label (default: train)")
+    labels.add_argument("--task", help="the generated-label task (default: the only one)")
+    labels.add_argument("--per-class", type=int, default=8, help="examples per auxiliary class (default: 8)")
+    labels.add_argument("--classes", type=int, nargs="+", metavar="C",
+                        help="main classes to show (default: all, at most the first 10)")
     return p
 
 
@@ -44,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from auxframe.errors import AuxframeError
 
     try:
-        return {"run": _run, "list": _list, "describe": _describe}[args.command](args)
+        return {"run": _run, "list": _list, "describe": _describe, "labels": _labels}[args.command](args)
     except AuxframeError as err:
         # gin appends "In call to configurable ..." to errors raised inside configurables; drop it.
         message = "\n".join(ln for ln in str(err).splitlines() if not ln.startswith("  In call to configurable"))
@@ -134,6 +143,18 @@ def _describe(args: argparse.Namespace) -> int:
         for pname, default in params:
             shown = "(required)" if default is inspect.Parameter.empty else f"= {default!r}"
             print(f"  {pname} {shown}")
+    return 0
+
+
+def _labels(args: argparse.Namespace) -> int:
+    from auxframe.labelgrid import generated_classes, save_grid
+
+    classes, dataset = generated_classes(args.run_dir, pool=args.pool, task=args.task)
+    path = save_grid(classes, dataset, args.out, per_class=args.per_class, main_classes=args.classes)
+    in_use = (classes.counts() > 0).sum(axis=1)
+    print(f"task '{classes.task}': {len(classes.assigned)} '{args.pool}' images over {classes.num_classes} x "
+          f"{classes.classes_per_main} generated classes; classes in use per main class: {in_use.tolist()}")
+    print(f"wrote {path}")
     return 0
 
 

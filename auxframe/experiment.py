@@ -24,6 +24,7 @@ import torch.nn as nn
 from auxframe import config, rundir
 from auxframe.data.splits import LowDataSplit
 from auxframe.errors import ConfigError, TaskGraphError
+from auxframe.labelgen import build_generated_labels
 from auxframe.loggers import ScalarLog, WandbLogger
 from auxframe.models.multitask import MultiTaskModel
 from auxframe.registry import registry
@@ -99,6 +100,7 @@ def train(
         split_ = (split or LowDataSplit())(dataset)
         resolved = resolve_tasks(tasks, dataset)
         model = build_model(backbone, tasks, resolved, dataset).to(device_)
+        generators = {name: r.generator.to(device_) for name, r in resolved.items() if r.generator is not None}
         weighting = weighting if weighting is not None else registry.get("weightings", "equal")()
         schedule = Schedule(steps, batch_size, dict(pool_batch_sizes or {}), eval_every, eval_batch_size,
                             log_every, checkpoint_every, keep_checkpoints)
@@ -108,7 +110,7 @@ def train(
             main_task=tasks.main.name, aux_tasks=[t.name for t in tasks.aux], model=model,
             shared_parameters=model.shared_parameters(), device=device_, total_steps=steps,
             steps_per_epoch=main_pool // max(main_batch, 1),  # (an empty pool fails in its loader)
-            has_aux_set=len(split_.aux) > 0,
+            has_aux_set=len(split_.aux) > 0, label_generators=generators,
         ))
         if weighting.outer_every and len(split_.aux) == 0:
             raise ConfigError(
@@ -180,7 +182,12 @@ def resolve_tasks(graph: TaskGraph, dataset: Any) -> dict[str, ResolvedTask]:
                 f"dataset's images are {tuple(dataset.input_shape)}; the shared backbone needs one shape. "
                 f"Resize one of them (e.g. with the dataset's transform parameters)."
             )
-        if t.labels is not None:
+        generator = None
+        if t.generator is not None:
+            field = graph.main.labels
+            generator = build_generated_labels(t.generator, t.name, dataset.input_shape, data.fields[field].num_classes)
+            num_outputs = generator.num_outputs
+        elif t.labels is not None:
             if t.labels not in data.fields:
                 raise TaskGraphError(
                     f"task '{t.name}' reads labels '{t.labels}', which {type(data).__name__} does not "
@@ -192,7 +199,8 @@ def resolve_tasks(graph: TaskGraph, dataset: Any) -> dict[str, ResolvedTask]:
             if not isinstance(num_outputs, int):
                 raise TaskGraphError(f"signal of task '{t.name}' has no integer `num_classes` attribute.")
         out[t.name] = ResolvedTask(
-            t.name, t.labels, t.signal, t.pool, _plugin("losses", t.loss), _plugin("metrics", t.metric), num_outputs
+            t.name, t.labels if generator is None else graph.main.labels, t.signal, t.pool,
+            _plugin("losses", t.loss), _plugin("metrics", t.metric), num_outputs, generator,
         )
     return out
 
@@ -237,6 +245,9 @@ def validate_outputs(model: MultiTaskModel, graph: TaskGraph, tasks: Mapping[str
             data = g.data if g.data is not None else dataset
             images, labels = data.get_batch(torch.arange(min(2, len(data))))
             x, targets = images, {t: labels[tasks[t].labels] for t in g.tasks if tasks[t].labels}
+            for t in g.tasks:
+                if tasks[t].generator is not None:
+                    targets[t] = tasks[t].generator(images, targets[t], train=False)
             if g.signal is not None:
                 x, y = g.signal(images, generator=None, train=False)
                 targets = {g.tasks[0]: y}

@@ -56,6 +56,14 @@ along ``p``) needs the model as a function, not just tensors, so it is not offer
 
 This module knows nothing about tasks or trainers: it takes scalar losses and lists of tensors.
 
+Data-parallel training (several processes, each with a shard of the batch): pass
+``reduce=auxframe.distributed.all_reduce_mean``. The losses are then each process's local mean;
+the global loss is the mean over processes, and so are its gradient, every curvature product
+(the Hessian of a mean is the mean of the Hessians) and the mixed term. ``reduce`` averages
+``grad_W L_A``, each product and the final hypergradient in place, so every process computes the
+single-process hypergradient of the whole batch, and all the scalars (norms, CG steps, the
+divergence flag) agree between processes.
+
 Example:
     >>> losses = per_sample_losses(model(x_train), y_train)          # (B, K)
     >>> train_loss = (losses @ aux_net.weights()).mean()
@@ -517,6 +525,22 @@ def _curvature_operator(
     return hessian if hessian is not None else HessianOperator._from_loss(loss, params, hint)
 
 
+class _Reduced:
+    """A curvature operator whose products are averaged over processes by ``reduce`` (in place)."""
+
+    def __init__(self, operator, reduce: Callable[[list[Tensor]], None]):
+        self.operator, self.reduce, self.reached = operator, reduce, operator.reached
+
+    def __call__(self, vector: Sequence[Tensor]) -> list[Tensor]:
+        product = self.operator(vector)
+        self.reduce(product)
+        return product
+
+
+def _with_reduce(operator, reduce: Callable[[list[Tensor]], None] | None):
+    return operator if reduce is None or operator is None else _Reduced(operator, reduce)
+
+
 # ---------------------------------------------------------------------------------------------
 # Step sizes
 
@@ -530,6 +554,7 @@ def top_eigenvalue(
     curvature: str = "hessian",
     outputs: Outputs | None = None,
     output_loss: Callable[..., Tensor] | None = None,
+    reduce: Callable[[list[Tensor]], None] | None = None,
 ) -> float:
     """The eigenvalue of largest magnitude of the Hessian (or GGN), by power iteration.
 
@@ -547,6 +572,8 @@ def top_eigenvalue(
             in :func:`hypergradient`).
         outputs: see :class:`GaussNewtonOperator`.
         output_loss: see :class:`GaussNewtonOperator`.
+        reduce: averages a list of tensors over processes in place (data-parallel training; see
+            the module docstring); None in a single process.
 
     Returns:
         The estimate, a float (``0.0`` if the curvature is zero).
@@ -557,6 +584,7 @@ def top_eigenvalue(
     _check_curvature(curvature, outputs, output_loss)
     _check_once_differentiable([loss], params, _STANDALONE_HINT)
     operator = _curvature_operator(curvature, loss, params, outputs, output_loss, _STANDALONE_HINT)
+    operator = _with_reduce(operator, reduce)
     generator = torch.Generator().manual_seed(seed)
     x = [
         torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) if reached
@@ -786,6 +814,7 @@ def hypergradient(
     mixed: str = "vjp",
     outputs: Outputs | None = None,
     output_loss: Callable[..., Tensor] | None = None,
+    reduce: Callable[[list[Tensor]], None] | None = None,
 ) -> HypergradResult:
     """The implicit hypergradient ``dL_A/dphi`` of ``outer_loss`` w.r.t. ``outer_params``.
 
@@ -822,6 +851,9 @@ def hypergradient(
         outputs: for ``gauss_newton``: the tensor(s) ``train_loss`` is computed from.
         output_loss: for ``gauss_newton``: maps ``outputs`` (a tensor, or a list in the order of
             ``outputs``) to the scalar training loss.
+        reduce: for data-parallel training, averages a list of tensors over processes in place
+            (``auxframe.distributed.all_reduce_mean``); the result is then the hypergradient of
+            the losses' mean over processes, the same on every process. None in one process.
 
     Returns:
         A :class:`HypergradResult`.
@@ -860,6 +892,8 @@ def hypergradient(
         )
         v = [g.detach() for g in _zeros_for_none(direct_and_v[: len(inner)], inner)]
         direct = _zeros_for_none(direct_and_v[len(inner):], outer)
+        if reduce is not None:
+            reduce(v)
 
         hessian = None  # the retained gradient graph g = grad_W L_T, when something needs it
         if mixed == "vjp" or (needs_curvature and curvature == "hessian"):
@@ -869,6 +903,7 @@ def hypergradient(
             operator = _curvature_operator(
                 curvature, train_loss, inner, outputs, output_loss, hint, hessian
             )
+            operator = _with_reduce(operator, reduce)
         source = operator if operator is not None else hessian
         reached = source.reached if source is not None else [True] * len(inner)
         v_reached = [t if r else torch.zeros_like(t) for t, r in zip(v, reached)]
@@ -883,6 +918,8 @@ def hypergradient(
             mixed_term = _mixed_jacobian(train_loss, inner, outer, p)
 
     grads = [(d - m).detach() for d, m in zip(direct, mixed_term)]
+    if reduce is not None:  # linear in the local terms, so one reduction covers direct and mixed
+        reduce(grads)
     values = torch.stack([_norm(v), *norms]).tolist()
     term_norms = values[1:]
     diverging = not all(math.isfinite(x) for x in term_norms) or (

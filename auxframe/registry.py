@@ -33,6 +33,7 @@ KINDS: tuple[str, ...] = (
     "signals",
     "weightings",
     "auxnets",
+    "labelgens",
     "losses",
     "metrics",
 )
@@ -45,6 +46,8 @@ KIND_DESCRIPTIONS = {
     "__call__(images, generator=None, train=True) -> (images, labels)",
     "weightings": "loss-weighting algorithms: subclasses of auxframe.weighting.Weighting",
     "auxnets": "auxiliary networks that combine losses or generate labels: nn.Module",
+    "labelgens": "auxiliary-label generators: factory(input_shape, num_classes, **params) -> nn.Module "
+    "mapping (images, main labels) to soft labels over num_classes * classes_per_main classes",
     "losses": "per-sample losses: fn(output, target) -> unreduced tensor with a batch dimension",
     "metrics": "metrics: class with update(output, target) and compute() -> dict (a new one per evaluation)",
 }
@@ -119,6 +122,7 @@ def _type_checks() -> dict[str, Callable[[Any], str | None]]:
         "backbones": module_or_factory,
         "heads": module_or_factory,
         "auxnets": module_or_factory,
+        "labelgens": module_or_factory,
         "weightings": weighting,
         "metrics": metric,
         "datasets": any_callable,

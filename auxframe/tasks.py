@@ -2,7 +2,8 @@
 
 A task has a name, a head, a loss, a metric and a label source: a label field of the dataset
 (the main data with other labels), a label field of *other data* (``Task.data``, a dataset of its
-own, used whole), or a self-supervised signal such as rotation. It draws its
+own, used whole), a self-supervised signal such as rotation, or a label generator that invents
+the labels (``Task.generator``, see :mod:`auxframe.labelgen`). It draws its
 batches from a *pool* of the low-data split: ``labeled`` (the main task's few labels), ``train``
 (every training image, for self-supervised tasks), ``aux``, or unions such as ``labeled+aux``.
 
@@ -53,6 +54,10 @@ class Task:
             dataset plugin with the same image shape); its labels come from its field ``labels``
             (or from ``signal``). Such a task is trained on all of ``data`` and, having no
             validation or test split, reports training losses only.
+        generator: a label generator (``@labelgens.default``, the factory, no parentheses) that
+            makes this auxiliary task's soft labels from each image and its main-task label;
+            exclusive with ``labels`` and ``signal``. The task shares the main task's batch (its
+            pool is the main task's).
     """
 
     def __init__(
@@ -66,6 +71,7 @@ class Task:
         pool: str | None = None,
         main: bool = False,
         data: Any = None,
+        generator: Callable | str | None = None,
     ):
         self.name = name
         self.labels = labels
@@ -78,9 +84,13 @@ class Task:
         self.data = data
         if data is not None:
             self.pool = "all"
+        self.generator = generator
+        self._pool_given = pool is not None
 
     def __repr__(self) -> str:
         source = f"labels={self.labels!r}" if self.signal is None else f"signal={type(self.signal).__name__}"
+        if self.generator is not None:
+            source = f"generator={_source_name(self)}"
         where = f"data={type(self.data).__name__}" if self.data is not None else f"pool={self.pool!r}"
         return f"Task({self.name!r}, {source}, {where}{', main' if self.main else ''})"
 
@@ -116,6 +126,7 @@ class TaskGraph:
             )
         self.main = next(t for t in tasks if t.main)
         self.aux = [t for t in tasks if not t.main]
+        _check_generated(self.main, self.aux)
 
     @property
     def tasks(self) -> list[Task]:
@@ -137,7 +148,7 @@ class TaskGraph:
         return {
             "main": self.main.name,
             "tasks": [
-                [t.name, t.labels or type(t.signal).__name__, t.pool, type(t.data).__name__ if t.data is not None else ""]
+                [t.name, _source_name(t), t.pool, type(t.data).__name__ if t.data is not None else ""]
                 for t in self.tasks
             ],
         }
@@ -158,24 +169,52 @@ def _check_names(tasks: list[Task]) -> None:
         seen.add(t.name)
 
 
+def _source_name(t: Task) -> str:
+    """How a task's labels are made, for checkpoint signatures: a field, a signal or a generator."""
+    if t.generator is not None:
+        return t.generator if isinstance(t.generator, str) else getattr(t.generator, "__name__", type(t.generator).__name__)
+    return t.labels or type(t.signal).__name__
+
+
 def _check_sources(tasks: list[Task]) -> None:
     for t in tasks:
-        if (t.labels is None) == (t.signal is None):
-            both = "both" if t.labels is not None else "neither"
+        given = [k for k in ("labels", "signal", "generator") if getattr(t, k) is not None]
+        if len(given) != 1:
+            which = "both " + " and ".join(f"`{k}`" for k in given) if given else "neither `labels` and `signal` nor `generator`"
             raise TaskGraphError(
-                f"task '{t.name}' has {both} `labels` and `signal`; give exactly one: "
-                f"`{t.name}/Task.labels = '<field>'` or `{t.name}/Task.signal = @signals.rotation()`."
+                f"task '{t.name}' has {which}; give exactly one of `labels`, `signal` and `generator`: "
+                f"`{t.name}/Task.labels = '<field>'`, `{t.name}/Task.signal = @signals.rotation()` or "
+                f"`{t.name}/Task.generator = @labelgens.default`."
             )
         if t.main and t.data is not None:
             raise TaskGraphError(
                 f"main task '{t.name}' has its own `data`; the main task reads `train.dataset`. Move the "
                 f"dataset to `train.dataset` and drop `{t.name}/Task.data`."
             )
-        if t.main and t.signal is not None:
+        if t.main and (t.signal is not None or t.generator is not None):
+            what = "a self-supervised signal" if t.signal is not None else "a label generator"
             raise TaskGraphError(
-                f"main task '{t.name}' uses a self-supervised signal; the main task must read labels "
+                f"main task '{t.name}' uses {what}; the main task must read labels "
                 f"from the dataset (`labels = '<field>'`)."
             )
+
+
+def _check_generated(main: Task, aux: list[Task]) -> None:
+    """A generated-label task reads the main task's labels: it must share the main task's batch."""
+    for t in aux:
+        if t.generator is None:
+            continue
+        if t.data is not None:
+            raise TaskGraphError(
+                f"task '{t.name}' has a label generator and its own `data`; a generator reads the main task's "
+                f"labels, so the task trains on the main data: drop `{t.name}/Task.data`."
+            )
+        if t._pool_given and t.pool != main.pool:
+            raise TaskGraphError(
+                f"task '{t.name}' generates labels from the main task's labels, so it trains on the main task's "
+                f"pool '{main.pool}', not '{t.pool}' (other images' labels are hidden). Drop `{t.name}/Task.pool`."
+            )
+        t.pool = main.pool
 
 
 @dataclass

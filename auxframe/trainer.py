@@ -36,12 +36,14 @@ class ResolvedTask:
 
     Attributes:
         name: task name.
-        labels: dataset label field, or None for a signal task.
+        labels: dataset label field, or None for a signal task (for a generated-label task, the
+            main task's field, which its generator reads).
         signal: self-supervised signal, or None.
         pool: split pool its training batches come from.
         loss: ``fn(output, target) -> unreduced loss``.
         metric: factory of a metric object (``update``/``compute``).
         num_outputs: the head's output size.
+        generator: the task's :class:`~auxframe.labelgen.GeneratedLabels`, or None.
     """
 
     name: str
@@ -51,6 +53,7 @@ class ResolvedTask:
     loss: Callable
     metric: Callable
     num_outputs: int
+    generator: Any = None
 
 
 @dataclass
@@ -123,7 +126,7 @@ class Trainer:
             step=0,
             model=model,
             shared_parameters=list(model.shared_parameters()),
-            train_losses=self._next_train_losses,
+            train_losses=lambda: self._next_train_losses(label_grad=True),
             aux_set_losses=self._next_aux_set_losses if self.aux_loader is not None else None,
         )
         self._stop_requested = False
@@ -140,25 +143,39 @@ class Trainer:
             return PoolLoader(data, np.arange(len(data)), bs, seed=seed, name=f"{type(data).__name__} (all)")
         return PoolLoader(self.dataset, self.split.pool(pool), bs, seed=seed, name=pool)
 
-    def _group_batch(self, group: BatchGroup, images: torch.Tensor, labels: dict, train: bool, rng=None):
-        """Inputs and per-task targets of one group's batch (applying its signal, if any)."""
+    def _group_batch(self, group: BatchGroup, images: torch.Tensor, labels: dict, train: bool, rng=None,
+                     label_grad: bool = False):
+        """Inputs and per-task targets of one group's batch (applying its signal or label generator).
+
+        Generated labels carry gradients to their generator only with ``label_grad`` (outer steps).
+        """
         if group.signal is not None:
             images, target = group.signal(images, generator=rng, train=train)
             targets = {group.tasks[0]: target}
         else:
             targets = {t: labels[self.tasks[t].labels] for t in group.tasks}
         images = images.to(self.device, non_blocking=True)
-        return images, {t: y.to(self.device, non_blocking=True) for t, y in targets.items()}
+        targets = {t: y.to(self.device, non_blocking=True) for t, y in targets.items()}
+        for t in group.tasks:
+            if self.tasks[t].generator is not None:
+                targets[t] = self.tasks[t].generator(images, targets[t], train=train, grad=label_grad)
+        return images, targets
 
-    def compute_losses(self, batches: Mapping[str, tuple]) -> TaskLosses:
-        """Unreduced losses of every needed task, given one raw batch per group."""
+    def compute_losses(self, batches: Mapping[str, tuple], label_grad: bool = False) -> TaskLosses:
+        """Unreduced losses of every needed task, given one raw batch per group.
+
+        Args:
+            batches: one raw batch per group key.
+            label_grad: generated labels carry gradients to their generators (for outer steps).
+        """
         outputs: dict[str, torch.Tensor] = {}
         targets: dict[str, torch.Tensor] = {}
         features: dict[str, torch.Tensor] = {}
         inputs: dict[str, torch.Tensor] = {}
         for g in self.groups:
             images, labels = batches[g.key]
-            x, group_targets = self._group_batch(g, images, labels, train=True, rng=self.signal_rngs[g.key])
+            x, group_targets = self._group_batch(g, images, labels, train=True, rng=self.signal_rngs[g.key],
+                                                 label_grad=label_grad)
             group_outputs, group_features = self.model(x, tasks=g.tasks, return_features=True)
             outputs.update(group_outputs)
             features.update(group_features)
@@ -171,11 +188,12 @@ class Trainer:
         return TaskLosses(
             values, self.graph.main.name, self._aux_names, self._group_tasks,
             outputs=outputs, from_outputs=lambda new: self._losses_from(new, targets),
-            features=features, inputs=inputs,
+            features=features, inputs=inputs, targets=targets,
         )
 
-    def _next_train_losses(self) -> TaskLosses:
-        return self.compute_losses({g.key: next(self.loaders[g.key]) for g in self.groups})
+    def _next_train_losses(self, label_grad: bool = False) -> TaskLosses:
+        batches = {g.key: next(self.loaders[g.key]) for g in self.groups}
+        return self.compute_losses(batches, label_grad=label_grad)
 
     def _next_aux_set_losses(self) -> TaskLosses:
         images, labels = next(self.aux_loader)
@@ -382,6 +400,7 @@ class Trainer:
             "loaders": {k: v.state_dict() for k, v in self.loaders.items()},
             "aux_loader": self.aux_loader.state_dict() if self.aux_loader is not None else None,
             "signal_rngs": {k: g.get_state() for k, g in self.signal_rngs.items()},
+            "label_generators": {t: r.generator.state_dict() for t, r in self.tasks.items() if r.generator is not None},
             "rng": _rng_state(),
             "best": self.best,
             **self.checkpoint_extra,
@@ -405,6 +424,8 @@ class Trainer:
             self.aux_loader.load_state_dict(state["aux_loader"])
         for k, s in state["signal_rngs"].items():
             self.signal_rngs[k].set_state(s)
+        for t, s in state.get("label_generators", {}).items():
+            self.tasks[t].generator.load_state_dict(s)
         _set_rng_state(state["rng"])
         self.best = state.get("best")
         self.step = int(state["step"])

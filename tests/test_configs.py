@@ -14,7 +14,8 @@ ALL_FILES = sorted(GIN.rglob("*.gin"))
 # weighting) checked by laying them over the quickstart.
 WHOLE = {GIN / "quickstart.gin", *GIN.glob("experiments/*.gin")}
 # Pieces that need more than the quickstart under them.
-UNDER = {GIN / "tasks/digits_dense.gin": [GIN / "quickstart.gin", GIN / "models/small_cnn_dense.gin"]}
+UNDER = {GIN / "tasks/digits_dense.gin": [GIN / "quickstart.gin", GIN / "models/small_cnn_dense.gin"],
+         GIN / "weightings/auxilearn_generated.gin": [GIN / "quickstart.gin", GIN / "tasks/digits_generated.gin"]}
 
 
 def test_there_are_shipped_configs():

@@ -2,6 +2,11 @@
 
 The order of examples is a pure function of ``(seed, epoch)``, so a loader's whole state is two
 integers: a resumed run draws exactly the batches the uninterrupted run would have drawn.
+
+Under ``torchrun`` every process builds the same loader with its ``rank`` and the ``world_size``:
+all processes walk the same seeded order of *global* batches of ``batch_size`` examples, and each
+takes its own contiguous slice of ``batch_size / world_size`` examples. The union of the slices is
+the batch a single process would draw, so ``batch_size`` means the same thing on one or many GPUs.
 """
 
 from __future__ import annotations
@@ -25,6 +30,12 @@ class PoolLoader(Iterator):
         seed: seeds the shuffling (together with the epoch number).
         shuffle: shuffle every epoch (False: fixed order).
         name: the pool's name, for error messages.
+        rank: this process's rank; it draws the ``rank``-th slice of every global batch.
+        world_size: number of processes; must divide the (global) batch size.
+
+    Raises:
+        DataError: the pool is empty, the batch size is not positive, or the batch does not split
+            evenly over ``world_size`` processes.
     """
 
     def __init__(
@@ -35,6 +46,8 @@ class PoolLoader(Iterator):
         seed: int,
         shuffle: bool = True,
         name: str = "pool",
+        rank: int = 0,
+        world_size: int = 1,
     ):
         if len(indices) == 0:
             raise DataError(f"the '{name}' pool is empty; tasks that read it cannot draw batches.")
@@ -45,6 +58,14 @@ class PoolLoader(Iterator):
         self.batch_size = min(int(batch_size), len(self.indices))
         self.seed = int(seed)
         self.shuffle = shuffle
+        if self.batch_size % world_size:
+            raise DataError(
+                f"the '{name}' pool's batch of {self.batch_size} examples does not split evenly over "
+                f"{world_size} processes. The batch size is the global batch (each process gets batch / "
+                f"processes); make it a multiple of {world_size} (train.batch_size or train.pool_batch_sizes)"
+                + (f", or note that the pool has only {len(self.indices)} examples." if self.batch_size < batch_size else ".")
+            )
+        self.shard = slice(rank * self.batch_size // world_size, (rank + 1) * self.batch_size // world_size)
         self.epoch = 0
         self.position = 0
         self._order = self._make_order()
@@ -64,7 +85,7 @@ class PoolLoader(Iterator):
             self.epoch += 1
             self.position = 0
             self._order = self._make_order()
-        batch = self._order[self.position : self.position + self.batch_size]
+        batch = self._order[self.position : self.position + self.batch_size][self.shard]
         self.position += self.batch_size
         return self.dataset.get_batch(batch)
 

@@ -15,6 +15,12 @@ on another batch (a self-supervised task on unlabelled images, a task on other d
 batch-mean loss, repeated on every row. For the linear network the two are the same; for nonlinear
 networks it means the network sees that task through its mean.
 
+With a generated-label task (``Task.generator``, see :mod:`auxframe.labelgen`) the label
+generator's parameters are outer parameters too, learned by the same hypergradient (the
+generated labels enter ``L_T`` through the auxiliary head's soft cross-entropy, so the mixed term
+reaches the generator), jointly with the auxiliary network or alone (``learn_auxnet=False``); a
+generator's own regulariser (MAXL's entropy term) is added to the outer loss.
+
 Example (gin)::
 
     train.weighting = @weightings.auxilearn()
@@ -66,6 +72,11 @@ class AuxiLearn(Weighting):
             or ``'jacobian'`` (one first-order backward per element of phi; with
             ``method='first_order'`` it needs no double backward through the model, for models
             with operations that lack it).
+        learn_auxnet: learn the auxiliary network's parameters; False keeps them at their
+            initial values (the linear net: weight 1 on every task) and learns only the label
+            generators of generated-label tasks.
+        generator_lr: learning rate of the label generators' parameters in the outer optimizer
+            (None: ``outer_lr``).
     """
 
     def __init__(
@@ -85,6 +96,8 @@ class AuxiLearn(Weighting):
         outer_bn_mode: str = "train",
         alpha_refresh: int = 0,
         mixed: str = "vjp",
+        learn_auxnet: bool = True,
+        generator_lr: float | None = None,
     ):
         _check_choice("inner_params", inner_params, _INNER)
         _check_choice("outer_bn_mode", outer_bn_mode, _BN_MODES)
@@ -105,6 +118,7 @@ class AuxiLearn(Weighting):
         self.outer_bn_mode, self.alpha_refresh = outer_bn_mode, alpha_refresh
         _check_choice("mixed", mixed, ("vjp", "jacobian"))
         self.mixed = mixed
+        self.learn_auxnet, self.generator_lr = bool(learn_auxnet), generator_lr
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self, info: WeightingSetup) -> None:
@@ -123,8 +137,11 @@ class AuxiLearn(Weighting):
         self.auxnet = factory(num_tasks=len(self.tasks)).to(info.device)
         if not isinstance(self.auxnet, nn.Module):
             raise ConfigError(f"the auxiliary network factory returned {type(self.auxnet).__name__}, not an nn.Module.")
+        self.generators = dict(info.label_generators)
+        groups = self._outer_groups()
+        self.outer_params = [p for g in groups for p in g["params"]]
         make_opt = self.outer_optimizer_factory or torch.optim.Adam
-        self.outer_optimizer = make_opt(list(self.auxnet.parameters()), lr=self.outer_lr)
+        self.outer_optimizer = make_opt(groups, lr=self.outer_lr)
         self.model = info.model
         self.alpha: float | None = None if self.alpha_setting == "auto" else float(self.alpha_setting)
         self.outer_steps = 0
@@ -156,6 +173,24 @@ class AuxiLearn(Weighting):
     def combine(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
         return self.auxnet(self.loss_matrix(losses))
 
+    def _outer_groups(self) -> list[dict[str, Any]]:
+        """The outer optimizer's parameter groups: the auxiliary network, then the label generators."""
+        groups = []
+        if self.learn_auxnet:
+            groups.append({"params": list(self.auxnet.parameters()), "lr": self.outer_lr})
+        else:
+            self.auxnet.requires_grad_(False)
+        generated = [p for g in self.generators.values() for p in g.parameters()]
+        if generated:
+            lr = self.generator_lr if self.generator_lr is not None else self.outer_lr
+            groups.append({"params": generated, "lr": lr})
+        if not groups:
+            raise ConfigError(
+                "weightings.auxilearn.learn_auxnet = False and no task has a label generator: the outer step "
+                "would learn nothing. Set learn_auxnet = True, or add a task with `Task.generator`."
+            )
+        return groups
+
     def tasks_needed(self) -> list[str]:
         return list(self.tasks)
 
@@ -168,6 +203,7 @@ class AuxiLearn(Weighting):
             matrix = self.loss_matrix(train_losses)
             train_loss = self.auxnet(matrix)
             outer_loss = sum(ctx.aux_set_losses().mean(self.main_task) for _ in range(self.aux_batches)) / self.aux_batches
+            outer_loss = outer_loss + self._generator_regularizers(train_losses)
             inner = self._inner_parameters(ctx)
             curvature = self._curvature_args(train_losses)
             if self._alpha_due():
@@ -177,14 +213,14 @@ class AuxiLearn(Weighting):
                 self.alpha = hypergrad.safe_alpha(abs(top) if top != 0 else 1.0)
                 self._logs["auxilearn/top_eigenvalue"] = top
             result = hypergrad.hypergradient(
-                train_loss, outer_loss, inner, list(self.auxnet.parameters()),
+                train_loss, outer_loss, inner, self.outer_params,
                 method=self.method, neumann_terms=self.neumann_terms,
                 alpha=self.alpha if self.alpha is not None else 1.0,  # (unused by cg / exact)
                 scale_by_alpha=self.scale_by_alpha, mixed=self.mixed, **curvature,
             )
         finally:
             _restore_batchnorm_mode(bn_modes)
-        phi = list(self.auxnet.parameters())
+        phi = self.outer_params
         for p, g in zip(phi, result.grads):
             p.grad = g.detach()
         norm = float(torch.nn.utils.clip_grad_norm_(phi, self.grad_clip if self.grad_clip else math.inf))
@@ -199,6 +235,19 @@ class AuxiLearn(Weighting):
             "auxilearn/diverging": float(result.diverging),
             "auxilearn/alpha": float(self.alpha) if self.alpha is not None else float("nan"),
         })
+        for task, source in self.generators.items():
+            self._logs.update({f"labelgen/{task}/{k}": v for k, v in source.statistics().items()})
+
+    def _generator_regularizers(self, losses: TaskLosses) -> torch.Tensor | float:
+        """The label generators' own outer-loss terms on this batch, logged as ``labelgen/<task>/regularizer``."""
+        total: torch.Tensor | float = 0.0
+        for task, source in self.generators.items():
+            if task in losses.targets:
+                reg = source.regularizer(losses.targets[task], losses.targets[self.main_task])
+                if reg is not None:
+                    total = total + reg
+                    self._logs[f"labelgen/{task}/regularizer"] = float(reg.detach())
+        return total
 
     def _alpha_due(self) -> bool:
         """Whether ``alpha='auto'`` needs a (new) power-iteration estimate before this outer step."""

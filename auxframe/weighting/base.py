@@ -44,6 +44,8 @@ class TaskLosses:
             view per task, so that gradients w.r.t. it come out per task in one backward pass).
         inputs: task -> the input batch of its group (after any signal), for methods that
             re-run the backbone (forward-mode directional derivatives).
+        targets: task -> the targets the losses were computed against (class indices, or the
+            soft labels of a generated-label task, with gradients to its generator in outer steps).
 
     Example:
         >>> total = losses.mean("digit") + 0.5 * losses.mean("parity")
@@ -60,10 +62,12 @@ class TaskLosses:
         from_outputs: Callable[[Mapping[str, torch.Tensor]], "TaskLosses"] | None = None,
         features: Mapping[str, torch.Tensor] | None = None,
         inputs: Mapping[str, torch.Tensor] | None = None,
+        targets: Mapping[str, torch.Tensor] | None = None,
     ):
         self.values = dict(values)
         self.features = dict(features) if features else {}
         self.inputs = dict(inputs) if inputs else {}
+        self.targets = dict(targets) if targets else {}
         self.outputs = dict(outputs) if outputs is not None else None
         self.from_outputs = from_outputs
         self.main_task = main_task
@@ -123,6 +127,8 @@ class WeightingSetup:
         total_steps: the number of inner steps the run will take.
         steps_per_epoch: inner steps per pass over the main task's labelled data.
         has_aux_set: whether a held-out auxiliary set exists (bilevel methods need one).
+        label_generators: task name -> :class:`~auxframe.labelgen.GeneratedLabels` for each task
+            whose labels a generator makes (bilevel methods learn the generators' parameters).
     """
 
     main_task: str
@@ -133,6 +139,7 @@ class WeightingSetup:
     total_steps: int
     steps_per_epoch: int
     has_aux_set: bool = False
+    label_generators: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
