@@ -8,6 +8,10 @@ one dry forward pass per batch group, 3. only then create the run directory and 
 4. train, evaluate, write ``metrics.json``.
 
 A failure in steps 1-2 leaves nothing on disk.
+
+Under ``torchrun`` every process runs ``train``: rank 0 alone checks, locks and writes the run
+directory and reads the checkpoint to resume, and shares what it found (or its error) with the
+others (see :mod:`auxframe.distributed`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from auxframe import config, rundir
+from auxframe import config, distributed, rundir
 from auxframe.data.splits import LowDataSplit
 from auxframe.errors import ConfigError, TaskGraphError
 from auxframe.labelgen import build_generated_labels
@@ -29,7 +33,7 @@ from auxframe.loggers import ScalarLog, WandbLogger
 from auxframe.models.multitask import MultiTaskModel
 from auxframe.registry import registry
 from auxframe.tasks import Task, TaskGraph, batch_groups
-from auxframe.trainer import ResolvedTask, Schedule, Trainer
+from auxframe.trainer import ResolvedTask, Schedule, Trainer, check_same_graph
 from auxframe.weighting.base import Weighting, WeightingSetup
 
 
@@ -56,6 +60,8 @@ def train(
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
+    nonfinite: str = "stop",
+    sync_batchnorm: bool | None = None,
     wandb: WandbLogger | None = None,
 ) -> dict[str, Any]:
     """Build the experiment described by the gin config and train it.
@@ -81,6 +87,12 @@ def train(
         seed: seeds model initialisation, data order and signals (the split has its own seed).
         device: ``'auto'`` (CUDA when present, else CPU), ``'cpu'``, ``'cuda'``, ``'cuda:1'``, ...
         progress: show a progress bar.
+        nonfinite: what a NaN or infinite loss, weight, gradient or hypergradient does: ``'stop'``
+            the run (naming the task and the step; the last checkpoint is kept) or ``'skip'`` the
+            step (no update; counted as ``skipped_steps`` in the logs and ``metrics.json``).
+        sync_batchnorm: under torchrun, convert BatchNorm layers to SyncBatchNorm so that batch
+            statistics are those of the global batch. Default (None): on GPUs, unless the weighting
+            takes outer steps (their second derivatives cannot pass through SyncBatchNorm).
         wandb: the W&B logger settings (default: offline, project ``auxframe``).
 
     Returns:
@@ -90,18 +102,29 @@ def train(
     _require(tasks, "tasks", "@TaskGraph()", "gin_configs/tasks/digits_attributes.gin")
     _require(backbone, "backbone", "@backbones.small_cnn", "gin_configs/models/small_cnn.gin")
     _check_positive(steps=steps, batch_size=batch_size, log_every=log_every, eval_batch_size=eval_batch_size)
-    run = rundir.RunDir(run_dir, resume, gin.config_str()) if run_dir is not None else None
+    launch = distributed.init_from_env(resolve_device(device))
+    run: rundir.RunDir | None = None  # rank 0's handle on the run directory
     loggers: list[Any] = []
-    try:  # the run directory's lock and the loggers are released however the run ends
-        resume_state = run.resume_state() if run is not None else None
 
-        device_ = resolve_device(device)
+    def open_run_dir() -> dict[str, Any] | None:
+        nonlocal run
+        run = rundir.RunDir(run_dir, resume, gin.config_str())
+        return run.resume_state()
+
+    try:  # the run directory's lock and the loggers are released however the run ends
+        resume_state = distributed.share_from_main(open_run_dir) if run_dir is not None else None
+        if resume_state is not None:
+            check_same_graph(resume_state, tasks)
+
+        device_ = launch.device
         seed_everything(seed)
         split_ = (split or LowDataSplit())(dataset)
         resolved = resolve_tasks(tasks, dataset)
         model = build_model(backbone, tasks, resolved, dataset).to(device_)
         generators = {name: r.generator.to(device_) for name, r in resolved.items() if r.generator is not None}
         weighting = weighting if weighting is not None else registry.get("weightings", "equal")()
+        if launch.world_size > 1 and _sync_batchnorm(sync_batchnorm, device_, weighting):
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         schedule = Schedule(steps, batch_size, dict(pool_batch_sizes or {}), eval_every, eval_batch_size,
                             log_every, checkpoint_every, keep_checkpoints)
         main_pool = len(split_.pool(tasks.main.pool))  # PoolLoader drops each epoch's ragged end:
@@ -131,7 +154,7 @@ def train(
             loggers.append(wandb_logger)
         trainer = Trainer(
             model, tasks, resolved, dataset, split_, weighting, optimizer_, scheduler_, schedule, device_,
-            seed=seed, run_dir=run.path if run else None, loggers=loggers, progress=progress,
+            seed=seed, run_dir=run_dir, loggers=loggers, progress=progress, nonfinite=nonfinite,
         )
         if resume_state is not None:
             trainer.load_state_dict(resume_state)
@@ -140,7 +163,8 @@ def train(
         result = trainer.fit()
         if run is not None:
             run.write_operative_config()
-            result["run_dir"] = str(run.path)
+        if run_dir is not None:
+            result["run_dir"] = str(run_dir)
         return result
     finally:
         for lg in loggers:
@@ -289,6 +313,18 @@ def _check_task_output(name: str, output: torch.Tensor, target: torch.Tensor, ta
         metric.compute()
     except Exception as exc:
         raise TaskGraphError(f"task '{name}': its metric fails on the {what}: {type(exc).__name__}: {exc}.") from exc
+
+
+def _sync_batchnorm(setting: bool | None, device: torch.device, weighting: Weighting) -> bool:
+    """Whether to convert BatchNorm to SyncBatchNorm under torchrun (see ``train.sync_batchnorm``)."""
+    if setting is None:
+        return device.type == "cuda" and not weighting.outer_every
+    if setting and device.type != "cuda":
+        raise ConfigError(
+            "train.sync_batchnorm = True needs GPUs (PyTorch's SyncBatchNorm does not run on the CPU); "
+            "set it to False, or leave it unset."
+        )
+    return bool(setting)
 
 
 def _require(value: Any, name: str, example: str, include: str) -> None:

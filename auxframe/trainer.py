@@ -4,10 +4,22 @@
 task's unreduced loss on its batch, the weighting turns them into gradients, the optimizer steps;
 every ``outer_every`` steps the weighting takes its outer step; logs, evaluation and checkpoints
 happen on their own schedules. The trainer knows nothing about any particular weighting method.
+
+Under ``torchrun`` (see :mod:`auxframe.distributed`) every process runs this same loop on its
+shard of each global batch. The standard inner step (a weighting that only defines ``combine``)
+goes through ``DistributedDataParallel``; a weighting that writes gradients itself has the model's
+gradients averaged after its ``backward``. Loss means, the stop flag and the finiteness checks are
+agreed between processes; only rank 0 logs and writes files.
+
+Non-finite values: ``nonfinite='stop'`` (default) ends the run with a :class:`TrainingError`
+naming the task (or weight) and the step, before anything non-finite is checkpointed;
+``nonfinite='skip'`` drops such a step (no parameter or optimizer update; an outer step's update
+of the weighting is undone) and counts it as ``skipped_steps`` in the logs and ``metrics.json``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -21,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from auxframe import distributed
 from auxframe.checkpoint import save_checkpoint
 from auxframe.data.loader import PoolLoader, iterate_once
 from auxframe.errors import CheckpointError, TrainingError
@@ -28,6 +41,7 @@ from auxframe.tasks import BatchGroup, TaskGraph, batch_groups
 from auxframe.weighting.base import StepContext, TaskLosses, Weighting
 
 METRICS_FILE = "metrics.json"
+NONFINITE = ("stop", "skip")
 
 
 @dataclass
@@ -88,6 +102,8 @@ class Trainer:
         run_dir: where checkpoints, logs and metrics go (None: write nothing).
         loggers: objects with ``log(step, scalars)`` (and optionally ``summary``/``close``).
         progress: show a progress bar.
+        nonfinite: ``'stop'`` or ``'skip'`` a step whose losses, weights, gradients or
+            hypergradients are NaN or infinite (see the module docstring).
     """
 
     def __init__(
@@ -107,7 +123,10 @@ class Trainer:
         loggers: Sequence[Any] = (),
         progress: bool = True,
         checkpoint_extra: Mapping[str, Any] | None = None,
+        nonfinite: str = "stop",
     ):
+        if nonfinite not in NONFINITE:
+            raise TrainingError(f"train.nonfinite must be one of {NONFINITE}, got {nonfinite!r}.")
         self.model, self.graph, self.tasks = model, graph, dict(tasks)
         self.dataset, self.split, self.weighting = dataset, split, weighting
         self.optimizer, self.scheduler, self.schedule = optimizer, scheduler, schedule
@@ -115,10 +134,15 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.loggers, self.progress = list(loggers), progress
         self.checkpoint_extra = dict(checkpoint_extra or {})
+        self.nonfinite, self.skipped_steps, self.last_step_skipped = nonfinite, 0, False
         self.step = 0
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.writes = self.rank == 0  # logs, progress bar and files come from rank 0 only
         self.groups = batch_groups(graph, weighting.tasks_needed())
         self.loaders = {g.key: self._make_loader(g.pool, i, g.data) for i, g in enumerate(self.groups)}
-        self.signal_rngs = {g.key: torch.Generator().manual_seed(seed * 7919 + i) for i, g in enumerate(self.groups)}
+        self.signal_rngs = {  # each rank draws its own signal randomness for its own images
+            g.key: torch.Generator().manual_seed(seed * 7919 + i + 1_000_003 * self.rank) for i, g in enumerate(self.groups)
+        }
         self.aux_loader = None
         if weighting.outer_every:
             self.aux_loader = self._make_loader("aux", len(self.groups))
@@ -133,6 +157,10 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self._aux_names = [t.name for t in graph.aux]  # computed once, not on every step
         self._group_tasks = [g.tasks for g in self.groups]
+        self._forward_model = self._inner_model = model
+        self._synced_parameters: list[nn.Parameter] = []  # gradients averaged over ranks after backward
+        if self.world_size > 1:
+            self._setup_distributed()
 
     # -- data ------------------------------------------------------------------------------------
     def _make_loader(self, pool: str, index: int, data: Any = None) -> PoolLoader:
@@ -140,8 +168,10 @@ class Trainer:
         bs = self.schedule.pool_batch_sizes.get(pool, self.schedule.batch_size)
         seed = self.seed * 104_729 + index
         if data is not None:
-            return PoolLoader(data, np.arange(len(data)), bs, seed=seed, name=f"{type(data).__name__} (all)")
-        return PoolLoader(self.dataset, self.split.pool(pool), bs, seed=seed, name=pool)
+            return PoolLoader(data, np.arange(len(data)), bs, seed=seed, name=f"{type(data).__name__} (all)",
+                              rank=self.rank, world_size=self.world_size)
+        return PoolLoader(self.dataset, self.split.pool(pool), bs, seed=seed, name=pool,
+                          rank=self.rank, world_size=self.world_size)
 
     def _group_batch(self, group: BatchGroup, images: torch.Tensor, labels: dict, train: bool, rng=None,
                      label_grad: bool = False):
@@ -176,7 +206,7 @@ class Trainer:
             images, labels = batches[g.key]
             x, group_targets = self._group_batch(g, images, labels, train=True, rng=self.signal_rngs[g.key],
                                                  label_grad=label_grad)
-            group_outputs, group_features = self.model(x, tasks=g.tasks, return_features=True)
+            group_outputs, group_features = self._forward_model(x, tasks=g.tasks, return_features=True)
             outputs.update(group_outputs)
             features.update(group_features)
             inputs.update({t: x for t in g.tasks})
@@ -210,14 +240,42 @@ class Trainer:
             self.model.train()
         self.ctx.step = self.step
         self.ctx.extras.clear()
-        losses = self._next_train_losses()
+        self._forward_model = self._inner_model  # DistributedDataParallel's wrapper under torchrun
+        try:
+            losses = self._next_train_losses()
+        finally:
+            self._forward_model = self.model
         self.optimizer.zero_grad(set_to_none=True)
         self.weighting.backward(losses, self.ctx)
-        self.optimizer.step()
+        if self._synced_parameters:
+            distributed.all_reduce_mean([p.grad for p in self._synced_parameters if p.grad is not None])
+        self.last_step_skipped = self.nonfinite == "skip" and not self._finite_step(losses)
+        if self.last_step_skipped:  # no update of the parameters or the optimizer's state
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+        else:
+            self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        self.weighting.after_step(self.ctx)
+        if not self.last_step_skipped:
+            self.weighting.after_step(self.ctx)
         return losses
+
+    def outer_step(self) -> None:
+        """The weighting's outer step, checked: a non-finite result stops the run, or is undone."""
+        saved = copy.deepcopy(self.weighting.state_dict()) if self.nonfinite == "skip" else None
+        self.weighting.outer_step(self.ctx)
+        bad = self._nonfinite_weighting()
+        if not bad:
+            return
+        if saved is None:
+            raise TrainingError(
+                f"the outer step after step {self.step} left non-finite values in the weighting "
+                f"({'; '.join(bad)}): a NaN or infinite hypergradient or weight. Lower the outer learning "
+                f"rate, clip the hypergradient, or set train.nonfinite = 'skip'; the last checkpoint is kept."
+            )
+        self.weighting.load_state_dict(saved)
+        self.skipped_steps += 1
 
     def fit(self) -> dict[str, Any]:
         """Train until ``schedule.steps``, evaluate on validation and test, return the metrics."""
@@ -227,22 +285,30 @@ class Trainer:
         acc: dict[str, torch.Tensor] = {}
         acc_n, interval_start = 0, time.perf_counter()
         last_val: dict[str, float] = {}
+        each_step = self.device.type == "cpu"  # checks are free on CPU; on GPU they would sync every step
+        stop = False
         with _StopOnSignal(self):
-            while self.step < s.steps and not self._stop_requested:
+            while self.step < s.steps and not stop:
                 losses = self.inner_step()
                 self.step += 1
                 if self.weighting.outer_every and self.step % self.weighting.outer_every == 0:
-                    self.weighting.outer_step(self.ctx)
-                means = losses.detached_means()
-                if self.device.type == "cpu":  # free on CPU; on GPU it would sync every step
-                    self._check_finite(means, f"at step {self.step}")
-                for t, v in means.items():
-                    acc[t] = acc[t] + v if t in acc else v
-                acc_n += 1
-                if self.step % s.log_every == 0 or self.step == s.steps:
-                    if self.device.type != "cpu":
-                        self._check_finite(acc, f"between steps {self.step - acc_n + 1} and {self.step}")
-                    scalars = self._train_scalars(acc, acc_n, time.perf_counter() - interval_start)
+                    self.outer_step()
+                if not self.last_step_skipped:
+                    for t, v in losses.detached_means().items():
+                        acc[t] = acc[t] + v if t in acc else v
+                    acc_n += 1
+                log_now = self.step % s.log_every == 0 or self.step == s.steps
+                save_now = bool(s.checkpoint_every) and self.step % s.checkpoint_every == 0
+                stop = self._stop_requested
+                if each_step or log_now or save_now:  # before anything is logged or checkpointed
+                    interval, stop = self._agree(acc, self._stop_requested)
+                    when = f"at step {self.step}" if each_step else f"between steps {self.step - acc_n + 1} and {self.step}"
+                    self._check_finite(interval, when)
+                elif self.world_size > 1:
+                    stop = False  # the ranks agree on stopping only when they compare notes
+                if log_now:
+                    scalars = self._train_scalars(interval, acc_n, time.perf_counter() - interval_start)
+                    self._check_weights(scalars)
                     self._log(scalars)
                     if bar is not None:
                         bar.set_postfix_str(self._postfix(scalars, last_val), refresh=False)
@@ -251,23 +317,22 @@ class Trainer:
                     last_val = self.evaluate("val")
                     self._track_best(last_val)
                     self._log(last_val)
-                if s.checkpoint_every and self.step % s.checkpoint_every == 0:
+                if save_now:
                     self.save()
                 if bar is not None:
                     bar.update(1)
         if bar is not None:
             bar.close()
-        if self._stop_requested:
+        if stop:
             path = self.save()
-            raise KeyboardInterrupt(f"stopped at step {self.step}; checkpoint written to {path}")
+            raise KeyboardInterrupt(f"stopped at step {self.step}" + (f"; checkpoint written to {path}" if path else ""))
         return self._finish(time.perf_counter() - start_time)
 
     def _finish(self, wall_time: float) -> dict[str, Any]:
         results = {"val": self.evaluate("val"), "test": self.evaluate("test")}
         self._track_best(results["val"])
         self._log({**results["val"], **results["test"]})
-        if self.run_dir is not None:
-            self.save()
+        self.save()
         main, metric_name = self.graph.main.name, self._main_metric_name(results["test"])
         summary = {
             "main_task": main,
@@ -277,10 +342,11 @@ class Trainer:
             "steps": self.step,
             "best": self._best_summary(results, metric_name),
             "wall_time_s": round(wall_time, 3),
+            "skipped_steps": self.skipped_steps,
             "weights": self.weighting.weights(),
             "metrics": {**results["val"], **results["test"]},
         }
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.writes:
             _write_json_atomic(self.run_dir / METRICS_FILE, summary)
         for lg in self.loggers:
             if hasattr(lg, "summary"):
@@ -342,9 +408,44 @@ class Trainer:
         self.model.train(was_training)
         return out
 
+    # -- agreement between processes and non-finite values ----------------------------------------
+    def _agree(self, acc: dict[str, torch.Tensor], stop: bool) -> tuple[dict[str, torch.Tensor], bool]:
+        """The interval's loss sums averaged over ranks, and whether any rank was asked to stop.
+
+        One collective under torchrun; in a single process, ``acc`` and ``stop`` as they are.
+        """
+        if self.world_size == 1:
+            return acc, stop
+        keys = list(acc)
+        flat = torch.stack([*(acc[k].float() for k in keys), torch.tensor(float(stop), device=self.device)])
+        distributed.all_reduce_mean([flat])
+        return dict(zip(keys, flat[:-1])), bool(flat[-1] > 0)
+
+    def _finite_step(self, losses: TaskLosses) -> bool:
+        """Whether this step's losses and gradients are finite on every rank (``nonfinite='skip'``)."""
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        values = torch.stack([*losses.detached_means().values(), *torch._foreach_norm(grads)])
+        return not distributed.all_reduce_any(not bool(torch.isfinite(values).all()), self.device)
+
+    def _nonfinite_weighting(self) -> list[str]:
+        """Non-finite task weights and tensors of the weighting's state, by name."""
+        bad = [f"weight of '{t}' = {w}" for t, w in self.weighting.weights().items() if not math.isfinite(w)]
+        return bad + [f"{name} is not finite" for name in _nonfinite_tensors(self.weighting.state_dict())]
+
+    def _check_weights(self, scalars: Mapping[str, float]) -> None:
+        """Stop when a task weight is NaN or infinite, naming the task and the step."""
+        bad = [f"'{k[7:]}' ({v})" for k, v in scalars.items() if k.startswith("weight/") and not math.isfinite(v)]
+        if bad:
+            raise TrainingError(
+                f"the weight of task {', '.join(bad)} is not finite at step {self.step}. Lower the learning "
+                f"rates of the weighting or check its inputs; the last checkpoint is kept."
+            )
+
     # -- logging ---------------------------------------------------------------------------------
     def _check_finite(self, means: Mapping[str, torch.Tensor], when: str) -> None:
         """Stop when a task loss is NaN or infinite, naming the task and the step (or steps)."""
+        if not means:  # every step of the interval was skipped
+            return
         values = torch.stack(list(means.values()))
         if bool(torch.isfinite(values).all()):
             return
@@ -355,10 +456,13 @@ class Trainer:
         )
 
     def _train_scalars(self, acc: dict, n: int, seconds: float) -> dict[str, float]:
+        n = max(n, 1)
         scalars = {f"train/{t}/loss": float(v) / n for t, v in acc.items()}
         scalars.update(self.weighting.log_values())
         scalars["time/step_ms"] = 1000.0 * seconds / n
         scalars["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        if self.nonfinite == "skip":
+            scalars["train/skipped_steps"] = self.skipped_steps
         return scalars
 
     def _log(self, scalars: Mapping[str, float]) -> None:
@@ -366,7 +470,7 @@ class Trainer:
             lg.log(self.step, scalars)
 
     def _progress_bar(self):
-        if not self.progress:
+        if not self.progress or not self.writes:
             return None
         from tqdm.auto import tqdm
 
@@ -400,6 +504,8 @@ class Trainer:
             "loaders": {k: v.state_dict() for k, v in self.loaders.items()},
             "aux_loader": self.aux_loader.state_dict() if self.aux_loader is not None else None,
             "signal_rngs": {k: g.get_state() for k, g in self.signal_rngs.items()},
+            **self._per_rank_state(),
+            "skipped_steps": self.skipped_steps,
             "label_generators": {t: r.generator.state_dict() for t, r in self.tasks.items() if r.generator is not None},
             "rng": _rng_state(),
             "best": self.best,
@@ -407,12 +513,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("graph") != self.graph.signature():
-            raise CheckpointError(
-                f"the checkpoint was written for another task graph ({state.get('graph')}); this run's "
-                f"graph is {self.graph.signature()}. Resume with the gin files of that run, or start a "
-                f"new run directory."
-            )
+        check_same_graph(state, self.graph)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
@@ -422,18 +523,55 @@ class Trainer:
             self.loaders[k].load_state_dict(v)
         if self.aux_loader is not None and state.get("aux_loader") is not None:
             self.aux_loader.load_state_dict(state["aux_loader"])
-        for k, s in state["signal_rngs"].items():
-            self.signal_rngs[k].set_state(s)
+        by_rank = state.get("signal_rngs_by_rank") or [state["signal_rngs"]]
+        if self.rank < len(by_rank):  # a rank the saved run did not have keeps its fresh seeding
+            for k, s in by_rank[self.rank].items():
+                self.signal_rngs[k].set_state(s)
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         for t, s in state.get("label_generators", {}).items():
             self.tasks[t].generator.load_state_dict(s)
         _set_rng_state(state["rng"])
         self.best = state.get("best")
         self.step = int(state["step"])
 
+    def _per_rank_state(self) -> dict[str, Any]:
+        """Under torchrun: every rank's signal RNG states (a collective; nothing in one process)."""
+        if self.world_size == 1:
+            return {}
+        return {"signal_rngs_by_rank": distributed.gather_objects({k: g.get_state() for k, g in self.signal_rngs.items()})}
+
     def save(self) -> Path | None:
+        """Checkpoint (every rank takes part under torchrun; rank 0 writes). Returns the path written."""
         if self.run_dir is None:
             return None
-        return save_checkpoint(self.run_dir, self.step, self.state_dict(), keep=self.schedule.keep_checkpoints)
+        state = self.state_dict()
+        if not self.writes:
+            return None
+        return save_checkpoint(self.run_dir, self.step, state, keep=self.schedule.keep_checkpoints)
+
+    def _setup_distributed(self) -> None:
+        """Under torchrun: DistributedDataParallel for the standard inner step; else averaged gradients.
+
+        A weighting that only defines ``combine`` trains through DDP's wrapper (gradients reduced in
+        buckets during backward; heads of tasks the weighting does not compute are left out of
+        it). A weighting that writes gradients itself (overrides ``backward``) bypasses DDP's hooks,
+        so the trainer averages the model's gradients after its ``backward``. The weighting's own
+        inner parameters (e.g. learned log-variances) are averaged in both cases.
+        """
+        from torch.nn.parallel import DistributedDataParallel
+
+        own = list(self.weighting.inner_parameters())
+        if type(self.weighting).backward is not Weighting.backward:
+            self._synced_parameters = [p for p in self.model.parameters() if p.requires_grad] + own
+            return
+        needed = set(self.weighting.tasks_needed())
+        unused = [f"heads.{t}.{n}" for t, head in self.model.heads.items() if t not in needed
+                  for n, _ in head.named_parameters()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, unused)
+        self._inner_model = DistributedDataParallel(
+            self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
+        )
+        self._synced_parameters = own
 
 
 class _StopOnSignal:
@@ -460,6 +598,31 @@ class _StopOnSignal:
         for sig, handler in self.previous.items():
             signal_module.signal(sig, handler)
         return False
+
+
+def check_same_graph(state: Mapping[str, Any], graph: TaskGraph) -> None:
+    """Refuse a checkpoint written for another task graph.
+
+    Raises:
+        CheckpointError: naming both graphs and the fix.
+    """
+    if state.get("graph") != graph.signature():
+        raise CheckpointError(
+            f"the checkpoint was written for another task graph ({state.get('graph')}); this run's "
+            f"graph is {graph.signature()}. Resume with the gin files of that run, or start a "
+            f"new run directory."
+        )
+
+
+def _nonfinite_tensors(state: Any, prefix: str = "") -> list[str]:
+    """Paths of floating-point tensors holding NaN or Inf in a nested state dict."""
+    if isinstance(state, torch.Tensor):
+        return [prefix or "value"] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    if isinstance(state, Mapping):
+        return [p for k, v in state.items() for p in _nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(state, (list, tuple)):
+        return [p for i, v in enumerate(state) for p in _nonfinite_tensors(v, f"{prefix}[{i}]")]
+    return []
 
 
 def _rng_state() -> dict[str, Any]:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
-from auxframe import hypergrad
+from auxframe import distributed, hypergrad
 from auxframe.errors import ConfigError
 from auxframe.weighting.base import StepContext, TaskLosses, Weighting, WeightingSetup
 
@@ -207,7 +207,7 @@ class AuxiLearn(Weighting):
             inner = self._inner_parameters(ctx)
             curvature = self._curvature_args(train_losses)
             if self._alpha_due():
-                top = hypergrad.top_eigenvalue(train_loss, inner, seed=self.outer_steps, **curvature)
+                top = hypergrad.top_eigenvalue(train_loss, inner, seed=self.outer_steps, reduce=_reduce(), **curvature)
                 # Power iteration finds the eigenvalue of largest magnitude; bounding alpha by it keeps
                 # alpha * lambda < 2 for every positive eigenvalue (negative ones diverge regardless).
                 self.alpha = hypergrad.safe_alpha(abs(top) if top != 0 else 1.0)
@@ -216,7 +216,7 @@ class AuxiLearn(Weighting):
                 train_loss, outer_loss, inner, self.outer_params,
                 method=self.method, neumann_terms=self.neumann_terms,
                 alpha=self.alpha if self.alpha is not None else 1.0,  # (unused by cg / exact)
-                scale_by_alpha=self.scale_by_alpha, mixed=self.mixed, **curvature,
+                scale_by_alpha=self.scale_by_alpha, mixed=self.mixed, reduce=_reduce(), **curvature,
             )
         finally:
             _restore_batchnorm_mode(bn_modes)
@@ -276,6 +276,7 @@ class AuxiLearn(Weighting):
 
     def _effective_weights(self, matrix: torch.Tensor) -> dict[str, float]:
         weights = self.auxnet.effective_weights(matrix)
+        distributed.all_reduce_mean([weights])  # under torchrun: each rank's batch gives its own
         return {t: float(w) for t, w in zip(self.tasks, weights)}
 
     # -- reporting and state ---------------------------------------------------------------------
@@ -302,6 +303,11 @@ class AuxiLearn(Weighting):
         self.outer_steps = int(state["outer_steps"])
         self._weights = dict(state["weights"])
         self._logs = dict(state["logs"])
+
+
+def _reduce():
+    """Under torchrun, the hypergradient's reduction over ranks (the whole batch's hypergradient)."""
+    return distributed.all_reduce_mean if distributed.is_distributed() else None
 
 
 def _check_choice(name: str, value: str, options: tuple[str, ...]) -> None:
