@@ -113,8 +113,7 @@ class ARML(Weighting):
         engine = TaskGradients.of(losses, ctx, space=self.space, jvp=self.jvp)
         w = self.w.detach()
         coefficients = {self.main_task: 1.0, **{t: -w[i] for i, t in enumerate(self.aux_tasks)}}
-        d = engine.gradient(coefficients)
-        inner = engine.inner_products(self.aux_tasks, d)
+        d, inner = engine.gradient_and_inner_products(coefficients, self.aux_tasks)
         objective = sum((x * x).sum() for x in d)
         return -2.0 * inner, objective
 

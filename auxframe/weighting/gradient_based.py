@@ -247,8 +247,8 @@ class OLAux(_Coefficients):
 
     def backward(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
         engine = self.engine(losses, ctx)
-        g_main = engine.gradient({self.main_task: 1.0})
-        self.acc += engine.inner_products(self.aux_tasks, g_main).detach()
+        _, inner = engine.gradient_and_inner_products({self.main_task: 1.0}, self.aux_tasks)
+        self.acc += inner
         self.count += 1
         w = self.w
         total = sum(w[i] * losses.mean(t) for i, t in enumerate(self.names))

@@ -18,10 +18,14 @@ Spaces (``space=``):
 
 How each quantity is computed:
 
-* Gramian: the Jacobian ``J`` (tasks x parameters) by one *batched* backward pass
-  (``torch.autograd.grad(..., is_grads_batched=True)``: a vmap over the backward with one row of
-  the identity per task) or, with ``batched=False``, one backward per task; then ``J @ J.T``.
-  In representation space the one heads-only backward above gives ``J`` directly.
+* Gramian: the Jacobian ``J`` (tasks x parameters), then ``J @ J.T``. The heads are traversed
+  once for all tasks (the representation gradients above); only the backbone part
+  ``(dz/dW)^T dL_k/dz`` is per task: one *batched* backward (``is_grads_batched=True``, a vmap
+  over the backward) on GPUs, one backward per task on CPUs (faster there; see
+  bench/gradient_engine.py). In representation space the heads-only backward gives ``J`` directly.
+* ``d = sum_k c_k g_k`` with ``<g_j, d>`` for all j (ARML, OL_AUX): one backbone backward with a
+  graph gives d, one more pass through that graph gives every inner product - less work than
+  the reference code's double backward through the whole model, at any K.
 * Inner products ``<g_k, v>`` for all k at once, constant in the number of tasks:
   ``jvp='forward'`` runs the backbone once more in forward mode (``torch.func.jvp``) to get
   ``dz = (dz/dW) v`` and contracts it with the per-task representation gradients;
@@ -87,7 +91,9 @@ class TaskGradients:
         losses: the step's :class:`TaskLosses` (graph alive).
         ctx: the step context (model, shared parameters).
         space: ``'shared'``, ``'last_shared'`` or ``'representation'`` (see the module docs).
-        batched: Jacobian by one vmapped backward (True) or one backward per task (False).
+        batched: Jacobian by one vmapped backward (True) or one backward per task (False);
+            ``'auto'`` (default): batched on GPUs, the loop on CPUs, where bench/gradient_engine.py
+            measures the vmapped backward 1.1-1.7x slower than the loop.
         jvp: ``'forward'`` or ``'reverse'``: how :meth:`inner_products` gets ``J v``.
     """
 
@@ -96,15 +102,17 @@ class TaskGradients:
         losses: TaskLosses,
         ctx: StepContext,
         space: str = "shared",
-        batched: bool = True,
+        batched: bool | str = "auto",
         jvp: str = "forward",
     ):
         self.losses, self.ctx = losses, ctx
         self.space = check_space(space, "TaskGradients")
         if jvp not in JVP_MODES:
             raise ConfigError(f"TaskGradients: jvp must be one of {JVP_MODES}, got {jvp!r}.")
-        self.batched, self.jvp = bool(batched), jvp
         self.model = _unwrap(ctx.model)
+        if batched == "auto":
+            batched = next(iter(ctx.shared_parameters)).device.type != "cpu"
+        self.batched, self.jvp = bool(batched), jvp
         if space == "last_shared":
             self.params = last_shared_layer(self.model.backbone)
         else:
@@ -173,6 +181,8 @@ class TaskGradients:
         return self._jacobians[key]
 
     def _parameter_jacobian(self, tasks: Sequence[str]) -> torch.Tensor:
+        if self.space == "shared" and all(t in self.losses.features for t in tasks):
+            return self._jacobian_through_representation(tasks)
         means = self.losses.means(list(tasks))
         if self.batched:
             eye = torch.eye(len(tasks), device=means.device, dtype=means.dtype)
@@ -192,6 +202,36 @@ class TaskGradients:
             grads = torch.autograd.grad(means[i], self.params, retain_graph=True, allow_unused=True)
             out.append(_flat(grads, self.params))
         return torch.stack(out)
+
+    def _jacobian_through_representation(self, tasks: Sequence[str]) -> torch.Tensor:
+        """Rows ``g_k = (dz/dW)^T dL_k/dz``: the heads' part once for all tasks (one heads-only
+        backward), then only the backbone per task - batched, or one backward per task."""
+        rep = self.representation_gradients()
+        rows: dict[str, torch.Tensor] = {}
+        for base, group in self._by_base(tasks):
+            if self.batched:
+                grads = torch.autograd.grad(
+                    base, self.params, grad_outputs=torch.stack([rep[t] for t in group]),
+                    is_grads_batched=True, retain_graph=True, allow_unused=True,
+                )
+                flat = torch.cat([
+                    (g if g is not None else torch.zeros((len(group), *p.shape), device=p.device, dtype=p.dtype))
+                    .reshape(len(group), -1) for g, p in zip(grads, self.params)
+                ], dim=1)
+                rows.update(zip(group, flat))
+            else:
+                for t in group:
+                    grads = torch.autograd.grad(base, self.params, grad_outputs=rep[t], retain_graph=True, allow_unused=True)
+                    rows[t] = _flat(grads, self.params)
+        return torch.stack([rows[t] for t in tasks])
+
+    def _by_base(self, tasks: Sequence[str]) -> list[tuple[torch.Tensor, list[str]]]:
+        """Tasks grouped by the representation tensor (the batch) they were computed on."""
+        groups: dict[int, tuple[torch.Tensor, list[str]]] = {}
+        for t in tasks:
+            base = self._base(t)
+            groups.setdefault(id(base), (base, []))[1].append(t)
+        return list(groups.values())
 
     def gramian(self, tasks: Sequence[str]) -> torch.Tensor:
         """``G[j, k] = <g_j, g_k>``, ``(T, T)``."""
@@ -222,6 +262,47 @@ class TaskGradients:
         grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, self.params)]
         distributed.all_reduce_mean(grads)
         return grads
+
+    def gradient_and_inner_products(
+        self, coefficients: Mapping[str, float | torch.Tensor], tasks: Sequence[str]
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``d = sum_k c_k g_k`` and ``<g_j, d>`` for every task j, together, for less than the
+        two separately cost.
+
+        In parameter space with the representation recorded, and in one process: with ``r_g =
+        sum_k c_k dL_k/dz_g`` per batch, one backbone backward with ``create_graph`` of
+        ``u_g -> sum_g (dz_g/dW)^T u_g`` at ``u_g = r_g`` gives ``d``; differentiating ``<that, d>``
+        in ``u_g`` gives ``(dz_g/dW) d`` for every batch; contracting with each task's
+        ``dL_j/dz`` gives the inner products. The heads are traversed once, without a graph.
+        Elsewhere (other spaces, under torchrun) it is :meth:`gradient` then :meth:`inner_products`.
+
+        Returns:
+            ``(d, inner)``: d as a list over the space's parameters, inner ``(len(tasks),)``.
+        """
+        fused = (
+            self.space == "shared" and self.jvp == "forward" and not distributed.is_distributed()
+            and all(t in self.losses.features for t in [*coefficients, *tasks])
+        )
+        if not fused:
+            d = self.gradient(coefficients)
+            return d, self.inner_products(tasks, d)
+        rep = self.representation_gradients()
+        groups = self._by_base([*coefficients, *[t for t in tasks if t not in coefficients]])
+        bases, us = [], []
+        for base, group in groups:
+            r = sum(torch.as_tensor(coefficients.get(t, 0.0)).to(rep[t]) * rep[t] for t in group)
+            bases.append(base)
+            us.append(r.detach().requires_grad_(True))
+        d_graph = torch.autograd.grad(bases, self.params, grad_outputs=us, create_graph=True, allow_unused=True)
+        d = [g.detach() if g is not None else torch.zeros_like(p) for g, p in zip(d_graph, self.params)]
+        pairs = [(g, x) for g, x in zip(d_graph, d) if g is not None and g.requires_grad]
+        if pairs:
+            jd = torch.autograd.grad([g for g, _ in pairs], us, grad_outputs=[x for _, x in pairs], allow_unused=True)
+        else:
+            jd = [None] * len(us)
+        along = {id(b): (j if j is not None else torch.zeros_like(b)) for b, j in zip(bases, jd)}
+        inner = torch.stack([(rep[t] * along[id(self._base(t))]).sum() for t in tasks])
+        return d, inner.detach()
 
     def inner_products(self, tasks: Sequence[str], v: Sequence[torch.Tensor]) -> torch.Tensor:
         """``<g_k, v>`` for every task at once, ``(T,)``; cost independent of ``len(tasks)``.

@@ -1,0 +1,177 @@
+"""The per-task gradient engine: what gradient-based weightings pay, measured side by side.
+
+Model: the quickstart's small CNN (32-64-64, BatchNorm) on 8x8 single-channel inputs, batch 64,
+with one main head (10 classes) and K binary auxiliary heads - K = 39 is the CelebA setting of the
+ARML paper (one attribute the main task, the 39 others auxiliary). Every variant starts from the
+same forward pass on the same batch, so the ratios compare only what differs.
+
+Sections:
+
+1. **Per-task gradients**, for K = 1, 5, 10, 39:
+   * ``plain``: forward + backward of the summed loss + SGD step (one ordinary training step);
+   * ``param batched``: forward + the (K+1) x P Jacobian by one vmapped backward
+     (``is_grads_batched``) + its Gramian;
+   * ``param loop``: forward + one backward per task + Gramian;
+   * ``repr step``: a whole training step that uses representation-space gradients: forward, the
+     Gramian of dL_k/dz (one heads-only backward), then the update ``sum_k c_k g_k`` by
+     :meth:`TaskGradients.backward` and the SGD step.
+   Goals at K = 39: ``repr step / plain <= 1.5``; ``param batched / param loop <= 1`` on CPU and
+   ``<= 0.5`` on a GPU.
+2. **ARML's weight step**, K = 2, 5, 39: ``ours`` (one backward for d, one directional derivative
+   of the auxiliary-loss vector along d, forward mode and reverse mode) against ``reference``
+   (the official code's form: the objective built by a backward with ``create_graph`` and
+   differentiated in w by a second backward). Values are compared first. Goal: constant in K and
+   ``ours / reference <= 1.0`` at every K.
+
+Run::
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/gradient_engine.py            # CPU, ~2 min
+    .venv/bin/python bench/gradient_engine.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from auxframe.models.backbones import SmallCNN
+from auxframe.models.heads import ClassificationHead
+from auxframe.models.multitask import MultiTaskModel
+from auxframe.weighting.base import StepContext, TaskLosses
+from auxframe.weighting.gradients import TaskGradients
+
+
+class Setting:
+    """A model with a main head and K binary heads, and one fixed batch."""
+
+    def __init__(self, k: int, device: torch.device, batch: int = 64):
+        torch.manual_seed(0)
+        backbone = SmallCNN(input_shape=(1, 8, 8), channels=(32, 64, 64))
+        self.names = ["main", *[f"attr{i}" for i in range(k)]]
+        heads = {n: ClassificationHead((backbone.out_features,), 10 if n == "main" else 2) for n in self.names}
+        self.model = MultiTaskModel(backbone, heads).to(device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-4)
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(batch, 1, 8, 8, generator=g).to(device)
+        self.y = {n: torch.randint(0, 10 if n == "main" else 2, (batch,), generator=g).to(device) for n in self.names}
+
+    def losses(self) -> tuple[TaskLosses, StepContext]:
+        out, feats = self.model(self.x, tasks=self.names, return_features=True)
+        values = {n: F.cross_entropy(out[n], self.y[n], reduction="none") for n in self.names}
+        losses = TaskLosses(values, "main", self.names[1:], [self.names], features=feats,
+                            inputs={n: self.x for n in self.names})
+        ctx = StepContext(0, self.model, self.model.shared_parameters(), train_losses=None)
+        return losses, ctx
+
+    # -- section 1 -------------------------------------------------------------------------------
+    def plain(self) -> None:
+        losses, _ = self.losses()
+        self.opt.zero_grad(set_to_none=True)
+        sum(losses.mean(n) for n in self.names).backward()
+        self.opt.step()
+
+    def param_jacobian(self, batched: bool) -> torch.Tensor:
+        losses, ctx = self.losses()
+        return TaskGradients(losses, ctx, batched=batched).gramian(self.names)
+
+    def repr_step(self) -> None:
+        losses, ctx = self.losses()
+        engine = TaskGradients(losses, ctx, space="representation")
+        gram = engine.gramian(self.names)
+        coeffs = (gram[0] >= 0).float()  # any coefficients (GCS-like); the cost is what is measured
+        self.opt.zero_grad(set_to_none=True)
+        engine.backward(dict(zip(self.names, coeffs)))
+        self.opt.step()
+
+    # -- section 2 -------------------------------------------------------------------------------
+    def arml_ours(self, jvp: str) -> torch.Tensor:
+        losses, ctx = self.losses()
+        engine = TaskGradients(losses, ctx, jvp=jvp)
+        w = torch.ones(len(self.names) - 1, device=self.x.device)
+        d = engine.gradient({"main": 1.0, **{n: -w[i] for i, n in enumerate(self.names[1:])}})
+        return -2 * engine.inner_products(self.names[1:], d)
+
+    def arml_reference(self) -> torch.Tensor:
+        losses, ctx = self.losses()
+        w = torch.ones(len(self.names) - 1, device=self.x.device, requires_grad=True)
+        combined = losses.mean("main") - sum(w[i] * losses.mean(n) for i, n in enumerate(self.names[1:]))
+        d = torch.autograd.grad(combined, ctx.shared_parameters, create_graph=True)
+        objective = sum((g * g).sum() for g in d)
+        (grad,) = torch.autograd.grad(objective, w)
+        return grad
+
+
+def race(variants: dict[str, Callable[[], object]], rounds: int, calls: int, sync: Callable[[], None]) -> dict[str, float]:
+    """Median seconds per call of each variant, the variants interleaved round by round."""
+    for fn in variants.values():  # warm-up
+        fn()
+    sync()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(rounds):
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for k in order:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                variants[k]()
+            sync()
+            times[k].append((time.perf_counter() - t0) / calls)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def verdict(value: float, goal: float) -> str:
+    return "meets" if value <= goal else "MISSES"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--calls", type=int, default=5)
+    p.add_argument("--ks", default="1,5,10,39")
+    p.add_argument("--arml-ks", default="2,5,39")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    print(f"# gradient engine on {device} ({platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads)")
+
+    print("\n## 1. per-task gradients (ms per call, medians; ratios of medians)")
+    print(f"{'K':>3} {'plain':>8} {'param batched':>14} {'param loop':>11} {'repr step':>10} "
+          f"{'batched/loop':>13} {'repr/plain':>11}")
+    gpu_goal = 0.5 if device.type == "cuda" else 1.0
+    for k in [int(x) for x in args.ks.split(",")]:
+        s = Setting(k, device)
+        torch.testing.assert_close(s.param_jacobian(True), s.param_jacobian(False), rtol=1e-3, atol=1e-5)
+        t = race({"plain": s.plain, "batched": lambda: s.param_jacobian(True),
+                  "loop": lambda: s.param_jacobian(False), "repr": s.repr_step}, args.rounds, args.calls, sync)
+        bl, rp = t["batched"] / t["loop"], t["repr"] / t["plain"]
+        print(f"{k:>3} {1e3 * t['plain']:>8.2f} {1e3 * t['batched']:>14.2f} {1e3 * t['loop']:>11.2f} "
+              f"{1e3 * t['repr']:>10.2f} {bl:>13.2f} {rp:>11.2f}")
+        if k == 39:
+            print(f"    K=39 goals: repr step/plain {rp:.2f} <= 1.5 {verdict(rp, 1.5)}; "
+                  f"batched/loop {bl:.2f} <= {gpu_goal} {verdict(bl, gpu_goal)}")
+
+    print("\n## 2. ARML weight step (ms per call; ours / reference)")
+    print(f"{'K':>3} {'reference':>10} {'ours fwd':>9} {'ours rev':>9} {'fwd/ref':>8} {'rev/ref':>8}  max rel diff")
+    for k in [int(x) for x in args.arml_ks.split(",")]:
+        s = Setting(k, device)
+        ref, fwd, rev = s.arml_reference(), s.arml_ours("forward"), s.arml_ours("reverse")
+        diff = max(float(((a - ref).abs() / ref.abs().clamp_min(1e-8)).max()) for a in (fwd, rev))
+        t = race({"ref": s.arml_reference, "fwd": lambda: s.arml_ours("forward"),
+                  "rev": lambda: s.arml_ours("reverse")}, args.rounds, args.calls, sync)
+        print(f"{k:>3} {1e3 * t['ref']:>10.2f} {1e3 * t['fwd']:>9.2f} {1e3 * t['rev']:>9.2f} "
+              f"{t['fwd'] / t['ref']:>8.2f} {t['rev'] / t['ref']:>8.2f}  {diff:.1e}")
+    print("    goal: ours/reference <= 1.0 at every K, and ours constant in K")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
