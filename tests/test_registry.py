@@ -376,7 +376,8 @@ def test_list_kind_shows_only_that_kind(installed):
     assert done.returncode == 0, done.stderr
     rows = list_rows(done.stdout)
     assert {row["kind"] for row in rows.values()} == {"backbones"}
-    assert {name for name, _ in rows} == {"broken_import", "example_resnet", "mlp", "not_a_module", "small_cnn"}
+    assert {name for name, _ in rows} == {"broken_import", "example_resnet", "mlp", "not_a_module", "small_cnn",
+                                          "resnet18", "resnet34", "resnet50", "segnet", "wrn28_2"}
 
 
 @pytest.mark.slow
