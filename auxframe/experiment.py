@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from auxframe import config, distributed, rundir
+from auxframe.data.field_tasks import field_tasks
 from auxframe.data.splits import LowDataSplit
 from auxframe.errors import ConfigError, TaskGraphError
 from auxframe.labelgen import build_generated_labels
@@ -217,7 +218,7 @@ def resolve_tasks(graph: TaskGraph, dataset: Any) -> dict[str, ResolvedTask]:
                     f"task '{t.name}' reads labels '{t.labels}', which {type(data).__name__} does not "
                     f"have; its label fields are: {', '.join(sorted(data.fields))}."
                 )
-            num_outputs = data.fields[t.labels].num_classes
+            num_outputs = data.fields[t.labels].num_outputs
         else:
             num_outputs = getattr(t.signal, "num_classes", None)
             if not isinstance(num_outputs, int):
@@ -341,6 +342,7 @@ def _check_positive(**values: int) -> None:
 gin.register(LowDataSplit, module=None)
 gin.register(Task, module=None)
 gin.register(TaskGraph, module=None)
+gin.register(field_tasks, module=None)
 gin.register(WandbLogger, module=None)
 for _opt in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop):
     gin.register(_opt, module="torch.optim")

@@ -6,7 +6,18 @@ and ``ge5``); a task picks its labels by field name. The splitter stratifies on 
 
 In-memory datasets subclass :class:`TensorImageDataset`, whose ``get_batch`` is one indexing
 operation. Datasets too large for memory implement ``__getitem__`` and inherit the default
-``get_batch``, which stacks single examples.
+``get_batch``, which stacks single examples (:class:`auxframe.data.images.SampleDataset` reads
+images from disk one at a time, through aligned albumentations transforms).
+
+Label conventions, by the field's ``kind``:
+
+- ``'class'``: one class per image, int64 ``(N,)``, ``-1`` = missing.
+- ``'dense_class'``: one class per pixel, int64 ``(N, H, W)``, ``-1`` = ignored pixel.
+- ``'regression'``: real values, float32 ``(N, channels)`` per image or ``(N, channels, H, W)`` per
+  pixel. Depth maps use 0 for an invalid pixel, surface normals an all-zero vector.
+
+Training batches are drawn through :meth:`ImageDataset.get_train_batch`, which datasets with
+train-time augmentation override; evaluation reads :meth:`ImageDataset.get_batch`.
 """
 
 from __future__ import annotations
@@ -17,17 +28,51 @@ import numpy as np
 import torch
 
 
+#: The kinds of label field (see the module docstring for their dtypes and shapes).
+FIELD_KINDS = ("class", "dense_class", "regression")
+
+
 @dataclass(frozen=True)
 class LabelField:
     """One kind of label a dataset carries.
 
     Attributes:
-        num_classes: number of classes (labels are int64 in ``[0, num_classes)``, ``-1`` = missing).
+        num_classes: number of classes of a ``'class'`` or ``'dense_class'`` field (labels are int64
+            in ``[0, num_classes)``, ``-1`` = missing); 0 for a ``'regression'`` field.
         description: what the label means, shown by ``auxframe describe``.
+        kind: ``'class'`` (one class per image), ``'dense_class'`` (one class per pixel) or
+            ``'regression'`` (float values, ``channels`` per image or per pixel).
+        channels: values per image or pixel of a ``'regression'`` field (1 for depth, 3 for normals).
+
+    Example:
+        >>> LabelField(13, "semantic class per pixel", kind="dense_class").num_outputs
+        13
+        >>> LabelField(kind="regression", channels=3, description="surface normal").num_outputs
+        3
     """
 
-    num_classes: int
+    num_classes: int = 0
     description: str = ""
+    kind: str = "class"
+    channels: int = 1
+
+    def __post_init__(self):
+        if self.kind not in FIELD_KINDS:
+            raise ValueError(f"LabelField kind must be one of {FIELD_KINDS}, got {self.kind!r}")
+        if self.kind != "regression" and self.num_classes < 1:
+            raise ValueError(f"a '{self.kind}' LabelField needs num_classes >= 1, got {self.num_classes}")
+        if self.channels < 1:
+            raise ValueError(f"LabelField channels must be >= 1, got {self.channels}")
+
+    @property
+    def num_outputs(self) -> int:
+        """What a head predicts per image or pixel: ``num_classes`` scores, or ``channels`` values."""
+        return self.channels if self.kind == "regression" else self.num_classes
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The labels' dtype: float32 for regression, int64 for classes."""
+        return torch.float32 if self.kind == "regression" else torch.int64
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -40,11 +85,14 @@ class ImageDataset(torch.utils.data.Dataset):
         fields: label fields by name.
         main_field: the field the low-data splitter stratifies on (usually the main task's).
         input_shape: ``(channels, height, width)`` of one image.
+        official_test: indices of the data set's official test images, or None; the low-data
+            splitter uses them as its test split (``LowDataSplit.official_test``).
     """
 
     fields: dict[str, LabelField]
     main_field: str
     input_shape: tuple[int, int, int]
+    official_test: np.ndarray | None = None
 
     def targets(self, field: str) -> np.ndarray:
         """Labels of every example for ``field`` (int64 array of length ``len(self)``)."""
@@ -60,6 +108,19 @@ class ImageDataset(torch.utils.data.Dataset):
         images = torch.stack([img for img, _ in items])
         labels = {f: torch.stack([torch.as_tensor(lab[f]) for _, lab in items]) for f in self.fields}
         return images, labels
+
+    def get_train_batch(self, indices: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A training batch: like :meth:`get_batch`, with train-time augmentation where the dataset has it.
+
+        Args:
+            indices: example indices ``(B,)``.
+            seed: seeds the batch's augmentation, so that a batch is a pure function of its
+                indices and seed (the loader derives it from its own state; resumes are exact).
+
+        Returns:
+            As :meth:`get_batch`. The default has no augmentation and ignores ``seed``.
+        """
+        return self.get_batch(indices)
 
     def field(self, name: str) -> LabelField:
         """The field called ``name``; a clear error lists the fields that exist."""
@@ -78,7 +139,8 @@ class TensorImageDataset(ImageDataset):
 
     Args:
         images: ``(N, C, H, W)`` float tensor.
-        labels: field name -> ``(N,)`` int64 tensor, or ``(N, H, W)`` for a per-pixel field.
+        labels: field name -> ``(N,)`` int64 tensor, or ``(N, H, W)`` for a per-pixel field, or
+            float ``(N, channels[, H, W])`` for a ``'regression'`` field (cast to each field's dtype).
         fields: field name -> :class:`LabelField`; must have the same keys as ``labels``.
         main_field: the field to stratify on.
     """
@@ -100,7 +162,7 @@ class TensorImageDataset(ImageDataset):
             if lab.ndim < 1 or lab.shape[0] != images.shape[0]:
                 raise ValueError(f"labels '{name}' must have {images.shape[0]} rows, got shape {tuple(lab.shape)}")
         self.images = images.float().contiguous()
-        self.labels = {k: v.long().contiguous() for k, v in labels.items()}
+        self.labels = {k: v.to(fields[k].dtype).contiguous() for k, v in labels.items()}
         self.fields = dict(fields)
         self.main_field = main_field
         self.input_shape = tuple(images.shape[1:])
@@ -111,10 +173,10 @@ class TensorImageDataset(ImageDataset):
     def targets(self, field: str) -> np.ndarray:
         from auxframe.errors import DataError
 
-        self.field(field)
-        if self.labels[field].ndim != 1:
+        if self.field(field).kind == "regression" or self.labels[field].ndim != 1:
             raise DataError(
-                f"field '{field}' holds per-pixel labels {tuple(self.labels[field].shape[1:])}; stratify on a "
+                f"field '{field}' holds {'per-pixel' if self.labels[field].ndim > 2 else 'real-valued'} labels "
+                f"{tuple(self.labels[field].shape[1:])}, not one class per image; stratify on a "
                 f"per-image field instead (e.g. `LowDataSplit.stratify_on = '{self.main_field}'`)."
             )
         return self.labels[field].numpy()

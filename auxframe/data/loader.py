@@ -2,6 +2,9 @@
 
 The order of examples is a pure function of ``(seed, epoch)``, so a loader's whole state is two
 integers: a resumed run draws exactly the batches the uninterrupted run would have drawn.
+Training batches come from ``dataset.get_train_batch(indices, seed)`` (train-time augmentation,
+seeded by the loader's seed, epoch and position, so augmentation resumes exactly too);
+:func:`iterate_once`, for evaluation, reads ``get_batch`` (no augmentation).
 
 Under ``torchrun`` every process builds the same loader with its ``rank`` and the ``world_size``:
 all processes walk the same seeded order of *global* batches of ``batch_size`` examples, and each
@@ -86,8 +89,9 @@ class PoolLoader(Iterator):
             self.position = 0
             self._order = self._make_order()
         batch = self._order[self.position : self.position + self.batch_size][self.shard]
+        augment_seed = (self.seed * 1_000_003 + self.epoch) * 1_000_033 + self.position
         self.position += self.batch_size
-        return self.dataset.get_batch(batch)
+        return _train_batch(self.dataset, batch, augment_seed % 2**32)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
@@ -97,6 +101,12 @@ class PoolLoader(Iterator):
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         self._order = self._make_order()
+
+
+def _train_batch(dataset: ImageDataset, indices: torch.Tensor, seed: int):
+    """A training batch, augmented where the dataset augments (``get_train_batch``), else ``get_batch``."""
+    train_batch = getattr(dataset, "get_train_batch", None)
+    return train_batch(indices, seed) if train_batch is not None else dataset.get_batch(indices)
 
 
 def iterate_once(dataset: ImageDataset, indices: np.ndarray, batch_size: int):

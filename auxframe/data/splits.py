@@ -17,6 +17,15 @@ Examples whose stratification label is missing (``-1``) cannot be evaluated or c
 labelled, so they all go to ``unlabeled``. Splits are deterministic for a seed (numpy
 ``default_rng(seed)``) and differ between seeds.
 
+Two variants for real data sets:
+
+- A dataset with an official test set (``dataset.official_test``: CIFAR, SVHN, CelebA, Pet, CUB,
+  NYUv2) gives it as the ``test`` split whole, with ``official_test=True`` (the default); the
+  other parts are cut from the remaining images and ``test_fraction`` is not used.
+- A stratification field that is not one class per image (NYUv2's per-pixel segmentation) cannot
+  be stratified on: every example then counts as one class, the parts are drawn at random, and the
+  ``*_per_class`` counts count images.
+
 Example:
     >>> split = LowDataSplit(labels_per_class=10, aux_per_class=2)(dataset)
     >>> split.sizes()
@@ -139,7 +148,7 @@ class LowDataSplit:
 
     Args:
         labels_per_class: main-task labelled training images per class; None = all the training
-            pool left after the aux set.
+            pool left after the aux set (or ``labels_fraction`` of it).
         aux_per_class: images per class in the held-out auxiliary set.
         aux_fraction: alternatively, this fraction of each class's training pool (rounded) goes to
             the auxiliary set. At most one of ``aux_per_class`` and ``aux_fraction``; neither means
@@ -149,10 +158,15 @@ class LowDataSplit:
         test_fraction: fraction of each class used for testing.
         seed: seed of ``numpy.random.default_rng``; the same seed gives the same split.
         stratify_on: the label field to stratify on; None = ``dataset.main_field``.
+        labels_fraction: alternatively, this fraction of each class's training pool (after the aux
+            set, rounded) is labelled (CelebA 1%: 0.01); needs ``labels_per_class=None``.
+        official_test: use the dataset's official test set (``dataset.official_test``) as the
+            test split when it has one; False cuts ``test_fraction`` of each class instead.
 
     Raises:
-        DataError: a count is negative or not an integer, a fraction is outside ``[0, 1)``, or both
-            ``aux_per_class`` and ``aux_fraction`` are set.
+        DataError: a count is negative or not an integer, a fraction is outside ``[0, 1)``, both
+            ``aux_per_class`` and ``aux_fraction`` are set, or both ``labels_per_class`` and
+            ``labels_fraction``.
     """
 
     def __init__(
@@ -165,6 +179,8 @@ class LowDataSplit:
         test_fraction: float = 0.3,
         seed: int = 0,
         stratify_on: str | None = None,
+        labels_fraction: float | None = None,
+        official_test: bool = True,
     ):
         for name, value in (
             ("labels_per_class", labels_per_class),
@@ -174,6 +190,12 @@ class LowDataSplit:
             _check_count(name, value)
         _check_fraction("aux_fraction", aux_fraction)
         _check_fraction("val_fraction", val_fraction)
+        _check_fraction("labels_fraction", labels_fraction)
+        if labels_per_class is not None and labels_fraction is not None:
+            raise DataError(
+                f"labels_per_class={labels_per_class} and labels_fraction={labels_fraction} are both set; "
+                f"the labelled set is sized by one of them: set labels_per_class=None to use the fraction."
+            )
         _check_fraction("test_fraction", test_fraction, allow_none=False)
         if aux_per_class is not None and aux_fraction is not None:
             raise DataError(
@@ -190,13 +212,15 @@ class LowDataSplit:
         self.test_fraction = test_fraction
         self.seed = int(seed)
         self.stratify_on = stratify_on
+        self.labels_fraction = labels_fraction
+        self.official_test = bool(official_test)
 
     def __repr__(self) -> str:
         args = ", ".join(
             f"{k}={getattr(self, k)!r}"
             for k in (
                 "labels_per_class", "aux_per_class", "aux_fraction", "val_per_class",
-                "val_fraction", "test_fraction", "seed", "stratify_on",
+                "val_fraction", "test_fraction", "seed", "stratify_on", "labels_fraction", "official_test",
             )
         )
         return f"LowDataSplit({args})"
@@ -212,23 +236,22 @@ class LowDataSplit:
 
         Raises:
             DataError: the stratification field does not exist; a class has too few images for
-                the validation, auxiliary or labelled sets asked for; or the labeled, val or test
-                split comes out empty.
+                the validation, auxiliary or labelled sets asked for; the official test indices are
+                out of range; or the labeled, val or test split comes out empty.
         """
         field_name = self.stratify_on or dataset.main_field
-        dataset.field(field_name)
-        targets = np.asarray(dataset.targets(field_name), dtype=np.int64)
-        if targets.shape != (len(dataset),):
-            raise DataError(
-                f"{type(dataset).__name__}.targets('{field_name}') has shape {targets.shape}, "
-                f"expected ({len(dataset)},); fix the dataset's targets()."
-            )
+        targets = self._targets(dataset, field_name)
+        official = self._official_test(dataset)
         rng = np.random.default_rng(self.seed)
         parts: dict[str, list[np.ndarray]] = {name: [] for name in _PARTS}
-        parts["unlabeled"].append(np.flatnonzero(targets < 0))
-        for cls in np.unique(targets[targets >= 0]):
-            members = rng.permutation(np.flatnonzero(targets == cls))
-            plan = self._plan(int(cls), members.size, field_name)
+        in_test = np.zeros(len(dataset), dtype=bool)
+        if official is not None:
+            in_test[official] = True
+            parts["test"].append(official)
+        parts["unlabeled"].append(np.flatnonzero((targets < 0) & ~in_test))
+        for cls in np.unique(targets[(targets >= 0) & ~in_test]):
+            members = rng.permutation(np.flatnonzero((targets == cls) & ~in_test))
+            plan = self._plan(int(cls), members.size, field_name, cut_test=official is None)
             start = 0
             for name in ("test", "val", "aux", "labeled", "unlabeled"):
                 count = getattr(plan, name)
@@ -239,10 +262,36 @@ class LowDataSplit:
         self._check_not_empty(split, len(dataset))
         return split
 
-    def _plan(self, cls: int, n: int, field_name: str) -> _ClassPlan:
+    @staticmethod
+    def _targets(dataset: ImageDataset, field_name: str) -> np.ndarray:
+        """Per-image classes to stratify on; all zeros (one group) for a field that has none."""
+        if dataset.field(field_name).kind != "class":
+            return np.zeros(len(dataset), dtype=np.int64)
+        targets = np.asarray(dataset.targets(field_name), dtype=np.int64)
+        if targets.shape != (len(dataset),):
+            raise DataError(
+                f"{type(dataset).__name__}.targets('{field_name}') has shape {targets.shape}, "
+                f"expected ({len(dataset)},); fix the dataset's targets()."
+            )
+        return targets
+
+    def _official_test(self, dataset: ImageDataset) -> np.ndarray | None:
+        """The dataset's official test indices when asked for and present, checked."""
+        official = getattr(dataset, "official_test", None) if self.official_test else None
+        if official is None:
+            return None
+        official = np.unique(np.asarray(official, dtype=np.int64))
+        if official.size == 0 or official[0] < 0 or official[-1] >= len(dataset):
+            raise DataError(
+                f"{type(dataset).__name__}.official_test is empty or holds indices outside [0, {len(dataset)}); "
+                f"fix the dataset, or set `LowDataSplit.official_test = False`."
+            )
+        return official
+
+    def _plan(self, cls: int, n: int, field_name: str, cut_test: bool = True) -> _ClassPlan:
         """Counts per part for a class of ``n`` images; raises if the class is too small."""
         where = f"class {cls} of field '{field_name}'"
-        n_test = _round(self.test_fraction, n)
+        n_test = _round(self.test_fraction, n) if cut_test else 0
         rest = n - n_test
         if self.val_per_class is not None:
             n_val = self.val_per_class
@@ -267,6 +316,8 @@ class LowDataSplit:
             n_aux = _round(self.aux_fraction or 0.0, pool)
         if self.labels_per_class is None:
             n_labeled = pool - n_aux
+            if self.labels_fraction is not None:
+                n_labeled = _round(self.labels_fraction, n_labeled)
         else:
             n_labeled = self.labels_per_class
             if n_labeled + n_aux > pool:
