@@ -50,6 +50,8 @@ METHODS: dict[str, Method] = {
                                "rotation, parity, ge5"),
     "auxilearn_nonlinear": Method("AuxiLearn (nonlinear)", "gin_configs/experiments/digits_auxilearn_nonlinear.gin",
                                   "rotation, parity, ge5"),
+    "generated_labels": Method("Generated labels (AuxiLearn)", "gin_configs/experiments/digits_generated_labels.gin",
+                               "generated: 5 per digit, no hand-made task"),
 }
 
 
