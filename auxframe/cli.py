@@ -7,6 +7,7 @@ that need it, so ``auxframe --help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,26 @@ def _parser() -> argparse.ArgumentParser:
                      help="where the run's files go (default: runs/<config name>-<time>)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --run-dir from its latest checkpoint")
+    run.add_argument("bindings", nargs="*", metavar="KEY=VALUE",
+                     help="more gin bindings, applied after --gin-param (as a W&B sweep agent passes them)")
+
+    sweep = sub.add_parser("sweep", help="train a grid of gin parameter values, one run directory per point",
+                           epilog="Example: auxframe sweep --gin gin_configs/quickstart.gin --gin gin_configs/weightings/fixed.gin "
+                                  "--grid \"weightings.fixed.weights={'parity': [0.1, 1.0], 'rotation': [0.0, 0.5]}\" --seeds 0 1")
+    sweep.add_argument("--gin", action="append", required=True, metavar="FILE",
+                       help="gin config file (repeatable; later files override earlier ones)")
+    sweep.add_argument("--gin-param", action="append", default=[], metavar="BINDING",
+                       help="gin binding for every point, e.g. 'train.steps=500' (repeatable)")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=[V1, V2, ...]",
+                       help="a swept parameter and its values, e.g. 'torch.optim.Adam.lr=[1e-3, 1e-2]', or a dict with "
+                            "list entries swept entry by entry (repeatable; the points are the cartesian product)")
+    sweep.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="also sweep train.seed over these seeds")
+    sweep.add_argument("--sweep-dir", metavar="DIR",
+                       help="where the point run directories and the summary go (default: sweeps/<config name>); "
+                            "rerunning into it skips finished points and resumes interrupted ones")
+    sweep.add_argument("--wandb-sweep", metavar="YAML",
+                       help="write the grid as a W&B sweep configuration to YAML instead of training")
+    sweep.add_argument("--dry-run", action="store_true", help="list the points and their bindings, train nothing")
 
     ls = sub.add_parser("list", help="list every plugin the registry found, with its package")
     ls.add_argument("kind", nargs="?", help="only this kind (backbones, heads, datasets, ...)")
@@ -53,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from auxframe.errors import AuxframeError
 
     try:
-        return {"run": _run, "list": _list, "describe": _describe, "labels": _labels}[args.command](args)
+        return {"run": _run, "sweep": _sweep, "list": _list, "describe": _describe, "labels": _labels}[args.command](args)
     except AuxframeError as err:
         # gin appends "In call to configurable ..." to errors raised inside configurables; drop it.
         message = "\n".join(ln for ln in str(err).splitlines() if not ln.startswith("  In call to configurable"))
@@ -70,10 +91,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.resume and not args.run_dir:
         print("auxframe: error: --resume needs --run-dir (the run to continue).", file=sys.stderr)
         return 2
-    config.parse(args.gin, args.gin_param)
+    config.parse(args.gin, [*args.gin_param, *args.bindings])
     from auxframe.experiment import train
 
-    run_dir = args.run_dir or str(Path("runs") / f"{Path(args.gin[-1]).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    # Under a W&B sweep agent, its run id keeps parallel agents' default run directories apart.
+    suffix = f"-{os.environ['WANDB_RUN_ID']}" if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID") else ""
+    run_dir = args.run_dir or str(Path("runs") / f"{Path(args.gin[-1]).stem}-{time.strftime('%Y%m%d-%H%M%S')}{suffix}")
     result = train(run_dir=run_dir, resume=args.resume)
     _print_task_table(result["metrics"])
     print(
@@ -88,6 +111,40 @@ def _run(args: argparse.Namespace) -> int:
         )
     print(f"run directory: {result['run_dir']}")
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from auxframe import sweep
+
+    axes = [sweep.parse_grid(spec) for spec in args.grid]
+    if args.seeds:
+        axes.append(sweep.seeds_axis(args.seeds))
+    if not axes:
+        print("auxframe: error: nothing to sweep: give at least one --grid 'KEY=[V1, V2]' or --seeds.", file=sys.stderr)
+        return 2
+    points = sweep.grid_points(axes)
+    if args.dry_run:
+        for p in points:
+            print(f"{p.name}: {'; '.join(p.bindings)}")
+        print(f"{len(points)} points")
+        return 0
+    if args.wandb_sweep:
+        _, higher = sweep.build_points(args.gin, args.gin_param, points)  # every point must build
+        spec = sweep.wandb_sweep_config(args.gin, args.gin_param, axes, Path(args.wandb_sweep).stem, higher)
+        path = sweep.write_wandb_sweep(args.wandb_sweep, spec, args.gin)
+        print(f"wrote W&B sweep of {len(points)} runs to {path}; start it with: wandb sweep {path}")
+        return 0
+    sweep_dir = args.sweep_dir or str(Path("sweeps") / Path(args.gin[-1]).stem)
+    try:
+        out = sweep.run_sweep(args.gin, args.gin_param, axes, sweep_dir)
+    except KeyboardInterrupt as stop:
+        print(f"auxframe: {stop or 'interrupted'}. Run the same sweep command again to continue.", file=sys.stderr)
+        return 130
+    print()
+    print(out["text"], end="")
+    print(f"summary: {out['markdown']} and {out['csv']}")
+    failed = [r for r in out["results"] if r.status.startswith("failed")]
+    return 1 if failed else 0
 
 
 def _print_task_table(metrics: dict) -> None:

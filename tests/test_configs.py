@@ -17,6 +17,9 @@ WHOLE = {GIN / "quickstart.gin", *GIN.glob("experiments/*.gin")}
 # Pieces that need more than the quickstart under them.
 UNDER = {GIN / "tasks/digits_dense.gin": [GIN / "quickstart.gin", GIN / "models/small_cnn_dense.gin"],
          GIN / "weightings/auxilearn_generated.gin": [GIN / "quickstart.gin", GIN / "tasks/digits_generated.gin"]}
+# The synthetic dataset and its task graph need each other (the task graph reads its label fields).
+UNDER[GIN / "datasets/synthetic.gin"] = [GIN / "quickstart.gin", GIN / "tasks/synthetic_planted.gin"]
+UNDER[GIN / "tasks/synthetic_planted.gin"] = [GIN / "quickstart.gin", GIN / "datasets/synthetic.gin"]
 
 
 # Files that read a real data set train on fixtures of it in test_datasets.py instead.
