@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,7 +19,8 @@ def quick_bindings(steps: int = 4, **extra) -> list[str]:
         "train.log_every": 2,
         "train.checkpoint_every": 0,
         "train.progress": False,
-        "train.device": "'cpu'",
+        # AUXFRAME_TEST_DEVICE=cuda runs the end-to-end tests on a GPU (tests/test_cuda.py, bench/README.md).
+        "train.device": f"'{os.environ.get('AUXFRAME_TEST_DEVICE', 'cpu')}'",
         "backbones.small_cnn.channels": "(8, 8)",
     }
     b.update(extra)

@@ -18,21 +18,26 @@ from auxframe.weighting.gradients import TaskGradients, last_shared_layer, proje
 TASKS = ["main", "a", "b", "rot"]
 
 
-def make_step(seed: int = 0, two_batches: bool = True, batch_norm: bool = True):
-    """A small CNN with four heads; 'rot' on a batch of its own when ``two_batches``."""
+def make_step(seed: int = 0, two_batches: bool = True, batch_norm: bool = True, device: str = "cpu"):
+    """A small CNN with four heads; 'rot' on a batch of its own when ``two_batches``.
+
+    Weights and data are drawn on the CPU from ``seed``, then moved to ``device``: the same step
+    on any device.
+    """
     torch.manual_seed(seed)
     backbone = SmallCNN(input_shape=(1, 8, 8), channels=(4, 6), batch_norm=batch_norm)
     heads = {t: ClassificationHead((backbone.out_features,), 3) for t in TASKS}
-    model = MultiTaskModel(backbone, heads)
-    x1, x2 = torch.randn(6, 1, 8, 8), torch.randn(5, 1, 8, 8)
+    model = MultiTaskModel(backbone, heads).to(device)
+    x1, x2 = torch.randn(6, 1, 8, 8).to(device), torch.randn(5, 1, 8, 8).to(device)
+    y1, y2 = {t: torch.randint(0, 3, (6,)).to(device) for t in TASKS}, torch.randint(0, 3, (5,)).to(device)
     ce = nn.CrossEntropyLoss(reduction="none")
     out1, f1 = model(x1, tasks=TASKS[:3] + ([] if two_batches else ["rot"]), return_features=True)
-    values = {t: ce(out1[t], torch.randint(0, 3, (6,))) for t in out1}
+    values = {t: ce(out1[t], y1[t]) for t in out1}
     features, inputs = dict(f1), {t: x1 for t in out1}
     groups = [tuple(out1)]
     if two_batches:
         out2, f2 = model(x2, tasks=["rot"], return_features=True)
-        values["rot"] = ce(out2["rot"], torch.randint(0, 3, (5,)))
+        values["rot"] = ce(out2["rot"], y2)
         features.update(f2)
         inputs["rot"] = x2
         groups.append(("rot",))

@@ -1,0 +1,53 @@
+"""The gradient engine and every weighting on a GPU, against the same computation on the CPU.
+
+Skipped without CUDA. On a GPU machine, run it with the end-to-end tests moved there too::
+
+    AUXFRAME_TEST_DEVICE=cuda pytest tests/test_cuda.py tests/test_trainer.py tests/test_arml.py
+"""
+
+from __future__ import annotations
+
+import gin
+import pytest
+import torch
+
+from auxframe import config
+from auxframe.experiment import train
+from auxframe.registry import Registry
+from auxframe.weighting.gradients import TaskGradients
+from helpers import GIN, quick_bindings
+from test_gradients import TASKS, make_step
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_engine_on_gpu_equals_cpu():
+    _, cpu_losses, cpu_ctx = make_step(seed=3)
+    _, gpu_losses, gpu_ctx = make_step(seed=3, device="cuda")
+    cpu, gpu = TaskGradients(cpu_losses, cpu_ctx), TaskGradients(gpu_losses, gpu_ctx)
+    assert gpu.batched and not cpu.batched  # 'auto': vmap on the GPU, the loop on the CPU
+    torch.testing.assert_close(gpu.gramian(TASKS).cpu(), cpu.gramian(TASKS), rtol=1e-3, atol=1e-5)
+    c = {"main": 1.0, "a": -0.5, "b": 2.0, "rot": -1.0}
+    d_cpu, i_cpu = cpu.gradient_and_inner_products(c, TASKS[1:])
+    _, i_gpu = gpu.gradient_and_inner_products(c, TASKS[1:])
+    torch.testing.assert_close(i_gpu.cpu(), i_cpu, rtol=1e-3, atol=1e-5)
+    v = [x.cuda() for x in d_cpu]
+    torch.testing.assert_close(gpu.inner_products(TASKS, v).cpu(), cpu.inner_products(TASKS, d_cpu),
+                               rtol=1e-3, atol=1e-5)
+
+
+WEIGHTINGS = sorted(Registry().names("weightings"))
+NEEDS = {"auxilearn": {"weightings.auxilearn.outer_every": 3}}
+
+
+@pytest.mark.parametrize("name", WEIGHTINGS)
+def test_every_weighting_trains_on_gpu_like_on_cpu(tmp_path, name):
+    results = {}
+    for device in ("cpu", "cuda"):
+        gin.clear_config()
+        bindings = {"train.device": f"'{device}'", "train.weighting": f"@weightings.{name}()", **NEEDS.get(name, {})}
+        config.parse([GIN / "quickstart.gin"], quick_bindings(steps=6, **bindings))
+        results[device] = train(run_dir=tmp_path / device)
+    for task, w in results["cpu"]["weights"].items():
+        assert results["cuda"]["weights"][task] == pytest.approx(w, rel=1e-2, abs=1e-3), (task, name)
+    assert abs(results["cuda"]["test"] - results["cpu"]["test"]) < 0.05
