@@ -238,7 +238,11 @@ def build_model(backbone: Callable, graph: TaskGraph, tasks: Mapping[str, Resolv
     feature_shape = _dry_forward(net, dataset.input_shape)
     heads = {}
     for t in graph.tasks:
-        head = _plugin("heads", t.head)(feature_shape=feature_shape, num_outputs=tasks[t.name].num_outputs)
+        try:
+            head = _plugin("heads", t.head)(feature_shape=feature_shape, num_outputs=tasks[t.name].num_outputs)
+        except (ValueError, TypeError) as exc:  # a head that cannot read these features says why
+            raise ConfigError(f"the head of task '{t.name}' cannot be built on the backbone's features "
+                              f"{feature_shape}: {_cause(exc, with_type=False)}") from exc
         if not isinstance(head, nn.Module):
             raise ConfigError(f"the head of task '{t.name}' is {type(head).__name__}, not an nn.Module.")
         heads[t.name] = head
@@ -263,12 +267,14 @@ def _dry_forward(net: nn.Module, input_shape) -> tuple[int, ...]:
 @torch.no_grad()
 def validate_outputs(model: MultiTaskModel, graph: TaskGraph, tasks: Mapping[str, ResolvedTask], dataset: Any) -> None:
     """Check, before training, that every head's output fits its loss, labels and metric."""
+    # A batch size that equals no output size, so that a mismatch cannot pass by broadcasting.
+    batch = next(b for b in (3, 5, 7, 11, 13) if all(r.num_outputs != b for r in tasks.values()))
     was = model.training
     model.eval()
     try:
         for g in batch_groups(graph):
             data = g.data if g.data is not None else dataset
-            images, labels = data.get_batch(torch.arange(min(2, len(data))))
+            images, labels = data.get_batch(torch.arange(min(batch, len(data))))
             x, targets = images, {t: labels[tasks[t].labels] for t in g.tasks if tasks[t].labels}
             for t in g.tasks:
                 if tasks[t].generator is not None:
@@ -299,7 +305,7 @@ def _check_task_output(name: str, output: torch.Tensor, target: torch.Tensor, ta
         loss = task.loss(output, target)
     except Exception as exc:
         raise TaskGraphError(
-            f"task '{name}': its loss fails on the {what}: {type(exc).__name__}: {exc}. Make the head's "
+            f"task '{name}': its loss fails on the {what}: {_cause(exc)}. Make the head's "
             f"output match the loss and the labels (the head was asked for {task.num_outputs} outputs)."
         ) from exc
     if not isinstance(loss, torch.Tensor) or loss.ndim == 0 or loss.shape[0] != batch:
@@ -313,7 +319,7 @@ def _check_task_output(name: str, output: torch.Tensor, target: torch.Tensor, ta
         metric.update(output, target)
         metric.compute()
     except Exception as exc:
-        raise TaskGraphError(f"task '{name}': its metric fails on the {what}: {type(exc).__name__}: {exc}.") from exc
+        raise TaskGraphError(f"task '{name}': its metric fails on the {what}: {_cause(exc)}.") from exc
 
 
 def _sync_batchnorm(setting: bool | None, device: torch.device, weighting: Weighting) -> bool:
@@ -326,6 +332,12 @@ def _sync_batchnorm(setting: bool | None, device: torch.device, weighting: Weigh
             "set it to False, or leave it unset."
         )
     return bool(setting)
+
+
+def _cause(exc: BaseException, with_type: bool = True) -> str:
+    """An exception as ``Type: message``, without the "In call to configurable" lines gin appends."""
+    message = "\n".join(ln for ln in str(exc).splitlines() if not ln.startswith("  In call to configurable"))
+    return f"{type(exc).__name__}: {message}" if with_type else message
 
 
 def _require(value: Any, name: str, example: str, include: str) -> None:

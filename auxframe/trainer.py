@@ -608,10 +608,22 @@ def check_same_graph(state: Mapping[str, Any], graph: TaskGraph) -> None:
     """
     if state.get("graph") != graph.signature():
         raise CheckpointError(
-            f"the checkpoint was written for another task graph ({state.get('graph')}); this run's "
-            f"graph is {graph.signature()}. Resume with the gin files of that run, or start a "
-            f"new run directory."
+            f"the checkpoint was written for another task graph ({_describe_graph(state.get('graph'))}); "
+            f"this run's graph is {_describe_graph(graph.signature())}. Resume with the gin files of that "
+            f"run, or start a new run directory."
         )
+
+
+def _describe_graph(signature: Any) -> str:
+    """A task-graph signature as ``tasks a (main, labels 'a', pool 'labeled'), b (...)``."""
+    try:
+        return "tasks " + ", ".join(
+            f"{name} ({'main, ' if name == signature['main'] else ''}labels '{source}', pool '{pool}'"
+            + (f", data {data}" if data else "") + ")"
+            for name, source, pool, data in signature["tasks"]
+        )
+    except (TypeError, KeyError, ValueError):
+        return repr(signature)
 
 
 def _nonfinite_tensors(state: Any, prefix: str = "") -> list[str]:
