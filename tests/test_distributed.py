@@ -75,6 +75,8 @@ def torchrun(tmp_path_factory):
     runs = [("equal", cli_args("equal", STEPS // 2, root / "equal")),
             ("equal_resumed", cli_args("equal", STEPS, root / "equal", resume=True))]
     runs += [(m, cli_args(m, STEPS, root / m)) for m in METHODS if m != "equal"]
+    # an error rank 0 finds (the run directory holds a run) must end every rank, not leave one waiting
+    runs += [("equal_again", cli_args("equal", STEPS, root / "equal"))]
     (root / "driver.py").write_text(DRIVER)
     procs = [subprocess.Popen([sys.executable, str(root / "driver.py"), json.dumps(runs), str(root / "codes.json")],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -127,6 +129,7 @@ def test_two_processes_with_half_batches_match_one_process(torchrun, tmp_path, m
 def test_rank_zero_alone_writes_and_prints_and_resume_continues(torchrun):
     root, stdout, codes = torchrun
     assert codes["equal"] == codes["equal_resumed"] == 0, codes
+    assert codes["equal_again"] == 2  # and the launch ended: rank 1 got the same error
     # each run printed its results once (rank 1's stdout is silenced)
     assert stdout.count(f"after {STEPS} steps") == sum(code == 0 for code in codes.values()) - 1
     assert stdout.count(f"after {STEPS // 2} steps") == 1

@@ -89,7 +89,8 @@ class PoolLoader(Iterator):
             self.position = 0
             self._order = self._make_order()
         batch = self._order[self.position : self.position + self.batch_size][self.shard]
-        augment_seed = (self.seed * 1_000_003 + self.epoch) * 1_000_033 + self.position
+        # + shard start: under torchrun each rank's slice draws its own augmentations (rank 0: as one process)
+        augment_seed = (self.seed * 1_000_003 + self.epoch) * 1_000_033 + self.position + self.shard.start
         self.position += self.batch_size
         return _train_batch(self.dataset, batch, augment_seed % 2**32)
 
