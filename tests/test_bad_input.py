@@ -33,6 +33,13 @@ def auxframe_run(capsys, *args) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def quickstart_with(capsys, tmp_path, binding: str) -> tuple[int, str]:
+    """``auxframe run`` of the quickstart with one bad binding; checks that no run directory was made."""
+    code, err = auxframe_run(capsys, "--gin", QUICKSTART, *params(binding), "--run-dir", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    return code, err
+
+
 def assert_refused(code: int, err: str, message: str) -> None:
     """Exit code 2 and exactly ``auxframe: error: <message>`` on stderr."""
     assert code == 2
@@ -74,14 +81,12 @@ def test_unknown_parameter(capsys, tmp_path):
 
 
 def test_unknown_plugin(capsys, tmp_path):
-    code, err = auxframe_run(capsys, "--gin", QUICKSTART, *params("train.weighting = @weightings.equall()"),
-                             "--run-dir", tmp_path / "run")
+    code, err = quickstart_with(capsys, tmp_path, "train.weighting = @weightings.equall()")
     assert_refused(code, err, (
         "--gin-param 'train.weighting = @weightings.equall()': unknown weightings plugin 'equall'. "
         "Did you mean 'equal'? Available weightings: " + ", ".join(registry.names("weightings")) + ". Run "
         "`auxframe list weightings` to see them with their packages."
     ))
-    assert not (tmp_path / "run").exists()
 
 
 @pytest.fixture
@@ -100,14 +105,12 @@ def broken_plugin(tmp_path, monkeypatch):
 
 
 def test_broken_plugin(capsys, tmp_path, broken_plugin):
-    code, err = auxframe_run(capsys, "--gin", QUICKSTART, *params("train.weighting = @weightings.exploding()"),
-                             "--run-dir", tmp_path / "run")
+    code, err = quickstart_with(capsys, tmp_path, "train.weighting = @weightings.exploding()")
     assert_refused(code, err, (
         "plugin weightings.exploding (entry point 'exploding = exploding_weighting:Exploding' in group "
         "'auxframe.weightings' of package 'auxframe-broken') failed to load: ImportError: this plugin needs "
         "the package 'missing-dependency'. Fix or uninstall 'auxframe-broken'; the other plugins are unaffected."
     ))
-    assert not (tmp_path / "run").exists()
     # the other plugins are unaffected: the same command with a working weighting trains
     assert main(["run", "--gin", str(QUICKSTART), *params(), "--run-dir", str(tmp_path / "ok")]) == 0
 
@@ -115,25 +118,21 @@ def test_broken_plugin(capsys, tmp_path, broken_plugin):
 # -- tasks and data ---------------------------------------------------------------------------------
 def test_wrong_label_shape_for_a_head(capsys, tmp_path):
     # A regression loss on class labels: the dry forward pass catches it before anything trains.
-    code, err = auxframe_run(capsys, "--gin", QUICKSTART, *params("parity/Task.loss = @losses.mse"),
-                             "--run-dir", tmp_path / "run")
+    code, err = quickstart_with(capsys, tmp_path, "parity/Task.loss = @losses.mse")
     assert code == 2 and "Traceback" not in err
     assert err.startswith("auxframe: error: task 'parity': its loss fails on the head output of shape (3, 2) "
                           "and labels of shape (3,) (int64): RuntimeError: The size of tensor a (2) must match "
                           "the size of tensor b (3) at non-singleton dimension 1. Make the head")
     assert err.endswith("Make the head's output match the loss and the labels (the head was asked for 2 outputs).\n")
-    assert not (tmp_path / "run").exists()
 
 
 def test_head_that_cannot_read_the_backbone_features(capsys, tmp_path):
-    code, err = auxframe_run(capsys, "--gin", QUICKSTART, *params("parity/Task.head = @heads.dense_classification"),
-                             "--run-dir", tmp_path / "run")
+    code, err = quickstart_with(capsys, tmp_path, "parity/Task.head = @heads.dense_classification")
     assert_refused(code, err, (
         "the head of task 'parity' cannot be built on the backbone's features (4,): heads.dense_classification "
         "needs feature maps (C, H, W), but the backbone gives (4,); use a backbone without global pooling "
         "(e.g. `backbones.small_cnn.global_pool = False`, or `backbones.segnet`)."
     ))
-    assert not (tmp_path / "run").exists()
 
 
 PACS_TASKS = """
@@ -180,19 +179,15 @@ def test_dataset_directory_half_there(capsys, tmp_path):
 
 
 def test_more_labels_per_class_than_available(capsys, tmp_path):
-    code, err = auxframe_run(capsys, "--gin", QUICKSTART, *params("LowDataSplit.labels_per_class = 200"),
-                             "--run-dir", tmp_path / "run")
+    code, err = quickstart_with(capsys, tmp_path, "LowDataSplit.labels_per_class = 200")
     assert code == 2 and "Traceback" not in err
     assert "labels_per_class=200" in err and "lower labels_per_class" in err
-    assert not (tmp_path / "run").exists()
 
 
 def test_aux_set_larger_than_the_training_set(capsys, tmp_path):
-    code, err = auxframe_run(capsys, "--gin", QUICKSTART, *params("LowDataSplit.aux_per_class = 500"),
-                             "--run-dir", tmp_path / "run")
+    code, err = quickstart_with(capsys, tmp_path, "LowDataSplit.aux_per_class = 500")
     assert code == 2 and "Traceback" not in err
     assert "aux_per_class" in err
-    assert not (tmp_path / "run").exists()
 
 
 def test_batch_that_does_not_split_over_the_processes(capsys, tmp_path):
