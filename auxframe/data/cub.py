@@ -41,8 +41,9 @@ class CUB(SampleDataset):
     """
 
     def __init__(self, root: str = "data", attributes: bool = True, transforms: Transforms | None = None):
-        how = f"Download {URL} and extract it into {Path(root).expanduser()}."
-        base = require_dir(Path(root).expanduser() / "CUB_200_2011", "CUB-200-2011", how)
+        root_ = Path(root).expanduser().absolute()
+        how = f"Download {URL} and extract it into {root_}."
+        base = require_dir(root_ / "CUB_200_2011", "CUB-200-2011", how)
         self.image_dir = require_dir(base / "images", "CUB-200-2011 images", how)
         paths = self._table(require_file(base / "images.txt", "CUB-200-2011", how), "<image_id> <path>")
         ids = sorted(paths)

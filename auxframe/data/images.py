@@ -118,7 +118,7 @@ class SampleDataset(ImageDataset):
 # -- files ------------------------------------------------------------------------------------------
 def require_dir(path: str | Path, dataset: str, how: str) -> Path:
     """``path`` as a Path if it is a directory; else a DataError saying what was expected and how to get it."""
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().absolute()
     if not path.is_dir():
         raise DataError(f"{dataset} not found: expected the directory {path}. {how}")
     return path
@@ -126,7 +126,7 @@ def require_dir(path: str | Path, dataset: str, how: str) -> Path:
 
 def require_file(path: str | Path, dataset: str, how: str) -> Path:
     """``path`` as a Path if it is a file; else a DataError naming it and how to get the data."""
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().absolute()
     if not path.is_file():
         raise DataError(f"{dataset}: the file {path} is missing. {how}")
     return path

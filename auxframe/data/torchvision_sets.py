@@ -81,7 +81,7 @@ def _cifar(root: str, download: bool, transforms: Transforms | None, hundred: bo
     name, folder = ("CIFAR100", "cifar-100-python") if hundred else ("CIFAR10", "cifar-10-batches-py")
     files = (["train"], ["test"]) if hundred else ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"])
     keys = ("data", "fine_labels", "coarse_labels") if hundred else ("data", "labels")
-    root_ = Path(root).expanduser()
+    root_ = Path(root).expanduser().absolute()
     if download:
         for train in (True, False):
             _download(name, root_, train=train)
@@ -168,7 +168,7 @@ def svhn(root: str = "data/svhn", download: bool = False, include_extra: bool = 
     Returns:
         Training (then extra) then test images; ``official_test`` is the 26,032 test images.
     """
-    root_ = Path(root).expanduser()
+    root_ = Path(root).expanduser().absolute()
     splits = ["train"] + (["extra"] if include_extra else []) + ["test"]
     if download:
         for split in splits:
@@ -201,7 +201,7 @@ class CelebA(SampleDataset):
 
     def __init__(self, root: str = "data", main_attribute: str = "Smiling", download: bool = False,
                  transforms: Transforms | None = None):
-        root_ = Path(root).expanduser()
+        root_ = Path(root).expanduser().absolute()
         if download:
             _download("CelebA", root_, split="all", target_type="attr")
         how = (f"Set `datasets.celeba.download = True` to fetch it with torchvision, or put the files of "
@@ -280,7 +280,7 @@ class OxfordPet(SampleDataset):
 
     def __init__(self, root: str = "data", download: bool = False, trimap: bool = False,
                  transforms: Transforms | None = None):
-        root_ = Path(root).expanduser()
+        root_ = Path(root).expanduser().absolute()
         if download:
             _download("OxfordIIITPet", root_, split="trainval", target_types=["category", "segmentation"])
             _download("OxfordIIITPet", root_, split="test", target_types=["category", "segmentation"])
