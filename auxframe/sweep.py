@@ -212,7 +212,7 @@ def grid_points(axes: Sequence[Axis]) -> list[Point]:
         parts = []
         for axis, label, v in zip(axes, labels, combo):
             if axis.entries:
-                parts += [f"{entry}={_slug(text)}" for entry, (_, text) in zip(axis.entries, v.columns)]
+                parts += [f"{_slug(entry)}={_slug(text)}" for entry, (_, text) in zip(axis.entries, v.columns)]
             else:
                 parts.append(f"{label}={_slug(v.text)}")
         points.append(Point(

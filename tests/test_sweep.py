@@ -92,6 +92,9 @@ def test_points_are_the_cartesian_product_first_axis_slowest_with_readable_names
 def test_names_that_would_clash_are_told_apart():
     points = grid_points([parse_grid("train.device=['a b', 'a-b']")])
     assert len({p.name for p in points}) == 2 and all(p.name.startswith("device=a-b") for p in points)
+    # nothing in a value or a dict key can make a subfolder
+    points = grid_points([parse_grid("a.weights={'x/y': ['../z', 1]}")])
+    assert [p.name for p in points] == ["x-y=..-z", "x-y=1"]
 
 
 # -- the summary ----------------------------------------------------------------------------------
