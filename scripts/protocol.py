@@ -6,6 +6,7 @@ go to ``<out>/<method>/n<n>/seed<s>`` and a finished run is never run again, so 
 stopped and continued.
 
     python scripts/protocol.py run --methods stl,stl_plus,equal_rotation --n 5 10 --seeds 5
+    python scripts/protocol.py tune --methods arml,gradnorm,ol_aux --n 10 --seeds 3
     python scripts/protocol.py timing --methods stl,stl_plus,equal_rotation
     python scripts/protocol.py report --methods stl,stl_plus,equal_rotation --n 5 10 --seeds 5
 
@@ -50,9 +51,33 @@ METHODS: dict[str, Method] = {
                                "rotation, parity, ge5"),
     "auxilearn_nonlinear": Method("AuxiLearn (nonlinear)", "gin_configs/experiments/digits_auxilearn_nonlinear.gin",
                                   "rotation, parity, ge5"),
+    **{key: Method(label, f"gin_configs/experiments/digits_{key}.gin", "rotation, parity, ge5") for key, label in [
+        ("arml", "ARML"), ("uncertainty", "Uncertainty"), ("adaloss", "AdaLoss"), ("dwa", "DWA"),
+        ("gradnorm", "GradNorm"), ("gcs", "GCS"), ("ol_aux", "OL_AUX"), ("pcgrad", "PCGrad")]},
     "generated_labels": Method("Generated labels (AuxiLearn)", "gin_configs/experiments/digits_generated_labels.gin",
                                "generated: 5 per digit, no hand-made task"),
 }
+
+
+#: Each method's own hyperparameter, chosen on validation with the same budget for every method
+#: (3 values, n = 10, seeds 0-2, by mean best validation accuracy; ``tune``). AuxiLearn's outer
+#: learning rates were chosen the same way (docs/results.md).
+TUNING: dict[str, tuple[str, tuple[str, ...]]] = {
+    "arml": ("weightings.arml.weight_lr", ("0.01", "0.05", "0.2")),
+    "gradnorm": ("weightings.gradnorm.alpha", ("0.5", "1.5", "3.0")),
+    "ol_aux": ("weightings.ol_aux.weight_lr", ("0.1", "1.0", "10.0")),
+}
+TUNED_FILE = "tuned.json"
+
+
+def tuned(method_key: str, out: Path) -> Method:
+    """The method with its validation-chosen hyperparameter (from ``<out>/tuned.json``), if any."""
+    method = METHODS[method_key]
+    f = out / TUNED_FILE
+    chosen = json.loads(f.read_text()).get(method_key) if f.is_file() else None
+    if chosen is None:
+        return method
+    return Method(method.label, method.gin, method.aux_tasks, (*method.params, f"{chosen['binding']} = {chosen['value']}"))
 
 
 def command(method: Method, n: int, seed: int, run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
@@ -87,14 +112,59 @@ def run_grid(args: argparse.Namespace) -> None:
         key, n, seed, run_dir = job
         if run_dir.exists():  # an interrupted run: start it again from scratch
             subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-        cmd = command(METHODS[key], n, seed, run_dir, tuple(args.param))
-        cmd[0:1] = [sys.executable, "-m", "auxframe"]
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-        status = "ok" if proc.returncode == 0 else f"FAILED\n{proc.stderr[-2000:]}"
-        print(f"{key} n={n} seed={seed}: {status}", flush=True)
+        cmd = command(tuned(key, args.out), n, seed, run_dir, tuple(args.param))
+        _run_one(cmd, env, f"{key} n={n} seed={seed}")
 
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(one, jobs))
+
+
+def _run_one(cmd: list[str], env: dict, name: str) -> None:
+    cmd[0:1] = [sys.executable, "-m", "auxframe"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    status = "ok" if proc.returncode == 0 else f"FAILED\n{proc.stderr[-2000:]}"
+    print(f"{name}: {status}", flush=True)
+
+
+def tune(args: argparse.Namespace) -> None:
+    """Run every TUNING value of the chosen methods at ``--n`` (first value) for ``--seeds`` seeds
+    under ``<out>/tune/``, pick the value with the best mean best-validation accuracy, and write
+    the choices to ``<out>/tuned.json`` (read by ``run`` and ``report``)."""
+    n = args.n[0]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    grid = [(key, value, seed) for key in args.methods if key in TUNING
+            for value in TUNING[key][1] for seed in range(args.seeds)]
+
+    def run_dir(key, value, seed):
+        return args.out / "tune" / key / value / f"n{n}" / f"seed{seed}"
+
+    def one(job):
+        key, value, seed = job
+        d = run_dir(key, value, seed)
+        if (d / "metrics.json").is_file():
+            return
+        subprocess.run(["rm", "-rf", str(d)], check=True)
+        binding = f"{TUNING[key][0]} = {value}"
+        _run_one(command(METHODS[key], n, seed, d, (*args.param, binding)), env, f"tune {key} {binding} seed={seed}")
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(one, grid))
+    f = args.out / TUNED_FILE
+    chosen = json.loads(f.read_text()) if f.is_file() else {}
+    for key in [k for k in args.methods if k in TUNING]:
+        binding, values = TUNING[key]
+        means = {}
+        for value in values:
+            vals = [json.loads((run_dir(key, value, s) / "metrics.json").read_text())["best"]["val"]
+                    for s in range(args.seeds) if (run_dir(key, value, s) / "metrics.json").is_file()]
+            if vals:
+                means[value] = 100 * sum(vals) / len(vals)
+        if means:
+            best = max(values, key=lambda v: means.get(v, -1.0))  # ties: the first listed
+            chosen[key] = {"binding": binding, "value": best, "val_mean": means, "n": n, "seeds": args.seeds}
+            print(f"{key}: {binding} = {best}  (mean best val: " +
+                  ", ".join(f"{v}: {m:.1f}" for v, m in means.items()) + ")")
+    f.write_text(json.dumps(chosen, indent=2) + "\n")
 
 
 def timing(args: argparse.Namespace) -> None:
@@ -112,7 +182,7 @@ def timing(args: argparse.Namespace) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 run_dir = Path(tmp) / "run"
                 extra = ("train.steps = 300", "train.eval_every = 0", "train.checkpoint_every = 0", "train.log_every = 50")
-                cmd = command(METHODS[key], 10, 0, run_dir, tuple(args.param) + extra)
+                cmd = command(tuned(key, args.out), 10, 0, run_dir, tuple(args.param) + extra)
                 cmd[0:1] = [sys.executable, "-m", "auxframe"]
                 subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True)
                 rows = [json.loads(x) for x in (run_dir / "scalars.jsonl").read_text().splitlines()]
@@ -156,7 +226,7 @@ def report(args: argparse.Namespace) -> None:
             rs = results.get((key, n), [])
             if not rs:
                 continue
-            m = METHODS[key]
+            m = tuned(key, args.out)
             mean, ci = _ci95([100 * r["best"][args.split] for r in rs])
             weights = _mean_weights(rs)
             rel = f"{timed[key]['vs_stl']:.2f}x" if timed.get(key, {}).get("vs_stl") else "—"
@@ -246,7 +316,7 @@ def _plot_weights(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["run", "report", "timing"])
+    p.add_argument("action", choices=["tune", "run", "report", "timing"])
     p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     p.add_argument("--n", type=int, nargs="+", default=[5, 10])
     p.add_argument("--seeds", type=int, default=5)
@@ -261,7 +331,7 @@ def main() -> None:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
-    {"run": run_grid, "report": report, "timing": timing}[args.action](args)
+    {"tune": tune, "run": run_grid, "report": report, "timing": timing}[args.action](args)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ METHOD_BINDINGS = {
     "equal": {},
     "auxilearn": {"weightings.auxilearn.outer_every": 2, "weightings.auxilearn.outer_lr": 0.1},
     "arml": {"weightings.arml.update_every": 2, "weightings.arml.weight_lr": 0.1},
+    "gcs": {}, "pcgrad": {}, "gradnorm": {}, "uncertainty": {},
+    "ol_aux": {"weightings.ol_aux.horizon": 2},
+    "adaloss": {}, "dwa": {"weightings.dwa.epoch_steps": 2},
 }
 METHODS = [m for m in METHOD_BINDINGS if m in registry.names("weightings")]
 

@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from auxframe import distributed
 from auxframe.errors import ConfigError
 from auxframe.weighting.base import StepContext, TaskLosses, Weighting, WeightingSetup
 from auxframe.weighting.gradients import TaskGradients, check_space
@@ -85,6 +86,7 @@ class GradNorm(_Coefficients):
     def weight_gradient(self, losses: TaskLosses, norms: torch.Tensor) -> torch.Tensor:
         """``dL_grad/dw`` given the per-task gradient norms ``||grad_W L_t||``."""
         values = torch.stack([losses.mean(t).detach() for t in self.names])
+        distributed.all_reduce_mean([values])  # every rank derives the same weights
         if self.initial is None:
             self.initial = values.clone()
         w = self.w.detach()

@@ -11,12 +11,19 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from auxframe import distributed
 from auxframe.errors import ConfigError
 from auxframe.weighting.base import StepContext, TaskLosses, Weighting, WeightingSetup
 
 
 class _VectorWeights(Weighting):
     """Weights held as one vector over ``[main, *aux]``, combined as ``sum_t w_t L_t``."""
+
+    def loss_vector(self, losses: TaskLosses) -> torch.Tensor:
+        """The step's mean losses ``(T,)``, detached, averaged over ranks under torchrun."""
+        values = torch.stack([losses.mean(t).detach() for t in self.names])
+        distributed.all_reduce_mean([values])
+        return values
 
     def setup(self, info: WeightingSetup) -> None:
         super().setup(info)
@@ -109,7 +116,7 @@ class AdaLoss(_VectorWeights):
         self.started = False
 
     def after_losses(self, losses: TaskLosses) -> None:
-        values = torch.stack([losses.mean(t).detach() for t in self.names])
+        values = self.loss_vector(losses)
         if not self.started:
             self.avg, self.started = values.clone(), True
         else:
@@ -167,7 +174,7 @@ class DWA(_VectorWeights):
 
     def backward(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
         total = super().backward(losses, ctx)
-        self.sum += torch.stack([losses.mean(t).detach() for t in self.names])
+        self.sum += self.loss_vector(losses)
         self.count += 1
         return total
 
