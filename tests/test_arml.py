@@ -259,3 +259,29 @@ def test_dwa_matches_its_formula_per_epoch():
     expected = 4 * torch.exp(ratio / 2) / torch.exp(ratio / 2).sum()
     torch.testing.assert_close(seen[4], expected)
     torch.testing.assert_close(dwa_weights(torch.tensor([2.0, 2.0, 0.5, 2.0]), torch.tensor([4.0, 2.0, 1.0, 1.0]), 2.0), expected)
+
+
+# -- determinism -----------------------------------------------------------------------------------
+ADAPTIVE = ["arml", "uncertainty", "adaloss", "dwa", "gradnorm", "gcs", "cosine_sim", "ol_aux", "pcgrad"]
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_every_adaptive_method_is_deterministic_for_a_seed(tmp_path, name):
+    import gin
+
+    from auxframe import config
+    from auxframe.checkpoint import latest_checkpoint, load_checkpoint
+    from auxframe.experiment import train
+    from helpers import GIN, quick_bindings
+
+    extra = {"train.weighting": f"@weightings.{name}()", "backbones.mlp.hidden": "(16,)",
+             "LowDataSplit.labels_per_class": 3, "train.checkpoint_every": 4}
+    states = []
+    for i in range(2):
+        gin.clear_config()
+        config.parse([GIN / "quickstart.gin", GIN / "models/mlp.gin"], quick_bindings(steps=4, **extra))
+        result = train(run_dir=tmp_path / f"run{i}")
+        states.append((result["weights"], load_checkpoint(latest_checkpoint(tmp_path / f"run{i}"))["model"]))
+    assert states[0][0] == states[1][0]
+    for k, v in states[0][1].items():
+        assert torch.equal(v, states[1][1][k]), k
