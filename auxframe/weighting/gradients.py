@@ -41,6 +41,7 @@ Under ``torchrun`` every gradient-derived quantity is averaged over the ranks (s
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping, Sequence
 
 import torch
@@ -209,11 +210,8 @@ class TaskGradients:
         rep = self.representation_gradients()
         rows: dict[str, torch.Tensor] = {}
         for base, group in self._by_base(tasks):
-            if self.batched:
-                grads = torch.autograd.grad(
-                    base, self.params, grad_outputs=torch.stack([rep[t] for t in group]),
-                    is_grads_batched=True, retain_graph=True, allow_unused=True,
-                )
+            grads = self._batched_grad(base, torch.stack([rep[t] for t in group])) if self.batched else None
+            if grads is not None:
                 flat = torch.cat([
                     (g if g is not None else torch.zeros((len(group), *p.shape), device=p.device, dtype=p.dtype))
                     .reshape(len(group), -1) for g, p in zip(grads, self.params)
@@ -224,6 +222,19 @@ class TaskGradients:
                     grads = torch.autograd.grad(base, self.params, grad_outputs=rep[t], retain_graph=True, allow_unused=True)
                     rows[t] = _flat(grads, self.params)
         return torch.stack([rows[t] for t in tasks])
+
+    def _batched_grad(self, output: torch.Tensor, rows: torch.Tensor):
+        """Per-row gradients by one vmapped backward, or None (then the caller loops) where an
+        operation of the model has no batching rule."""
+        try:
+            return torch.autograd.grad(
+                output, self.params, grad_outputs=rows, is_grads_batched=True, retain_graph=True, allow_unused=True
+            )
+        except RuntimeError as err:  # e.g. an op without a vmap rule: fall back to the loop
+            warnings.warn(f"batched per-task gradients failed ({str(err).splitlines()[0]}); using one "
+                          f"backward per task instead", RuntimeWarning, stacklevel=3)
+            self.batched = False
+            return None
 
     def _by_base(self, tasks: Sequence[str]) -> list[tuple[torch.Tensor, list[str]]]:
         """Tasks grouped by the representation tensor (the batch) they were computed on."""

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One short session on a GPU machine: the CUDA tests, the digits results grid, the GPU benchmarks.
+#
+# The machine has PyTorch but not this project's other packages and no network: wheels of
+# gin-config and of auxframe itself (for its entry points) travel in .whl/ (made on the developer
+# machine: `pip download --no-deps gin-config==0.5.0 -d .whl` and `pip wheel --no-deps -w .whl .`).
+# Everything it writes goes to $OUT (the results grid as one tar.gz, the logs as text).
+#
+#   bash scripts/gpu_session.sh            # needs OUT set; ~6-8 minutes on one H100/H200
+set -u -o pipefail
+OUT=${OUT:?set OUT to a folder for the results}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/device.txt"
+
+METHODS=stl,stl_plus,equal_all,arml,uncertainty,adaloss,dwa,gradnorm,gcs,ol_aux,pcgrad
+
+# 1. CUDA tests (GPU against CPU for the engine and every weighting; end-to-end tests on the GPU),
+#    beside the results grid: both are light on the GPU.
+(AUXFRAME_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_cuda.py tests/test_gradients.py tests/test_arml.py tests/test_trainer.py tests/test_auxilearn.py \
+    > "$OUT/cuda_tests.txt" 2>&1; echo "exit $?" >> "$OUT/cuda_tests.txt") &
+TESTS=$!
+
+# 2. Results grid: tune each method's hyperparameter on validation, then every method, n = 5 and 10,
+#    seeds 0-4. Runs are small: many share the GPU at once.
+{
+  python3 scripts/protocol.py tune --out runs/protocol --param "train.device = 'cuda'" \
+      --methods arml,gradnorm,ol_aux --n 10 --seeds 3 --jobs 14
+  python3 scripts/protocol.py run --out runs/protocol --param "train.device = 'cuda'" \
+      --methods $METHODS --n 5 10 --seeds 5 --jobs 14
+} > "$OUT/protocol.txt" 2>&1
+tar czf "$OUT/runs.tar.gz" --exclude='*.pt' --exclude='wandb' runs/protocol
+wait $TESTS
+
+# 3. Benchmarks on a quiet GPU.
+{
+  timeout 120 python3 bench/gradient_engine.py --device cuda --rounds 5 --calls 5
+  timeout 120 python3 bench/weighting_throughput.py --device cuda --rounds 3
+  timeout 100 python3 bench/auxilearn_cost.py --device cuda --sections ratio,throughput --time-limit 30
+} > "$OUT/bench.txt" 2>&1
+echo done
