@@ -91,9 +91,9 @@ def share_from_main(compute: Callable[[], Any]) -> Any:
     """Run ``compute`` on rank 0 only and give its result, or its error, to every process.
 
     Rank 0 alone touches shared state (the run directory and its lock, the checkpoint to resume);
-    the other processes receive what it found. An :class:`~auxframe.errors.AuxframeError` raised
-    on rank 0 is raised on every rank with the same type and message, so that no process waits
-    forever on a collective that rank 0 never reaches.
+    the other processes receive what it found. An error raised on rank 0 is raised on every rank
+    (an :class:`~auxframe.errors.AuxframeError` with the same type and message, any other as an
+    ``AuxframeError`` naming it), so that no process waits forever for rank 0.
 
     Args:
         compute: called without arguments on rank 0; its result must be picklable.
@@ -109,8 +109,9 @@ def share_from_main(compute: Callable[[], Any]) -> Any:
     if is_main():
         try:
             box[0] = ("ok", compute())
-        except errors.AuxframeError as err:
-            box[0] = ("error", type(err).__name__, str(err))
+        except Exception as err:  # whatever stops rank 0 must stop the others too
+            box[0] = ("error", type(err).__name__, str(err) if isinstance(err, errors.AuxframeError)
+                      else f"rank 0 failed: {type(err).__name__}: {err}")
             dist.broadcast_object_list(box, src=0)
             raise
     dist.broadcast_object_list(box, src=0)
