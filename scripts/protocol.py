@@ -270,7 +270,7 @@ def _plot_accuracy(results, args) -> None:
         ax.set_xlabel("main-task test accuracy (%), mean ± 95% CI")
         ax.set_title(f"digits, {n} labels per class")
     fig.tight_layout()
-    path = args.plots / "results_digits_accuracy.png"
+    path = args.plots / f"{args.plot_prefix}_accuracy.png"
     fig.savefig(path, dpi=120)
     print(f"\nwrote {path}")
 
@@ -299,8 +299,13 @@ def _plot_weights(args) -> None:
                      for s in c.values())}
     if not moving:
         return
-    fig, axes = plt.subplots(1, len(moving), figsize=(4.5 * len(moving), 3.2), squeeze=False)
-    for ax, ((key, n), tasks) in zip(axes[0], sorted(moving.items())):
+    cols = min(4, len(moving))
+    rows = -(-len(moving) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(moving):]:
+        ax.axis("off")
+    order = sorted(moving.items(), key=lambda kv: (kv[0][1], args.methods.index(kv[0][0])))
+    for ax, ((key, n), tasks) in zip(axes.flat, order):
         for task, by_step in tasks.items():
             steps = sorted(by_step)
             ax.plot(steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], label=task)
@@ -309,7 +314,7 @@ def _plot_weights(args) -> None:
         ax.set_ylabel("effective weight (mean over seeds)")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path = args.plots / "results_digits_weights.png"
+    path = args.plots / f"{args.plot_prefix}_weights.png"
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
 
@@ -323,6 +328,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=REPO / "runs" / "protocol")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--plots", type=Path, default=None, help="folder for the PNG plots (e.g. docs)")
+    p.add_argument("--plot-prefix", default="results_digits", help="file name prefix of the plots")
     p.add_argument("--param", action="append", default=[], help="extra gin binding for every run (repeatable)")
     p.add_argument("--timing-repeats", type=int, default=2)
     p.add_argument("--split", choices=["test", "val"], default="test",
