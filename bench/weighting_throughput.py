@@ -31,11 +31,11 @@ warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", c
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from framework_tax import _loadavg, build_auxframe  # noqa: E402
+from auxilearn_cost import build_trainer  # noqa: E402
+from framework_tax import _loadavg  # noqa: E402
 
 from auxframe.trainer import Trainer  # noqa: E402
 from auxframe.weighting.arml import ARML  # noqa: E402
-from auxframe.weighting.base import WeightingSetup  # noqa: E402
 from auxframe.weighting.gradient_based import GCS, GradNorm, OLAux, PCGrad  # noqa: E402
 from auxframe.weighting.loss_based import DWA, AdaLoss, Uncertainty  # noqa: E402
 
@@ -53,19 +53,10 @@ METHODS = {
 
 def build(args, device, weighting=None) -> Trainer:
     """The quickstart trainer with ``weighting`` (None: Equal); same seed, same weights and batches."""
-    base, _, _ = build_auxframe(args, device)
-    if weighting is None:
-        return base
-    graph, model = base.graph, base.model
-    weighting.setup(WeightingSetup(
-        main_task=graph.main.name, aux_tasks=[t.name for t in graph.aux], model=model,
-        shared_parameters=model.shared_parameters(), device=device, total_steps=10**6,
-        steps_per_epoch=max(1, len(base.split.pool("labeled")) // args.batch_size),
-    ))
-    optimizer = torch.optim.Adam(list(model.parameters()) + weighting.inner_parameters(),
-                                 lr=args.lr, weight_decay=args.weight_decay)
-    return Trainer(model, graph, base.tasks, base.dataset, base.split, weighting, optimizer, None,
-                   base.schedule, device, seed=base.seed, run_dir=None, loggers=(), progress=False)
+    trainer = build_trainer(args, device, weighting)
+    if weighting is not None and weighting.inner_parameters():  # Uncertainty's log-variances
+        trainer.optimizer.add_param_group({"params": weighting.inner_parameters()})
+    return trainer
 
 
 def block(trainer: Trainer, n: int, sync) -> float:
