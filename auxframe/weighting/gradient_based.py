@@ -226,8 +226,10 @@ class OLAux(_Coefficients):
 
         w_k <- w_k + weight_lr * mean over the horizon of <g_main, g_k>
 
-    (the inner products of all K tasks by one directional derivative along ``g_main`` per step),
     clamped at 0 unless ``nonnegative=False``. The model trains on ``L_main + sum_k w_k L_k``.
+    The inner products come from the per-task gradients, one backbone pass per task on its own
+    batch; the update is their combination, so a task alone on its batch (a self-supervised task)
+    costs no more than in Equal.
 
     Args:
         horizon: steps per weight update (the paper's N).
@@ -249,12 +251,13 @@ class OLAux(_Coefficients):
 
     def backward(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
         engine = self.engine(losses, ctx)
-        _, inner = engine.gradient_and_inner_products({self.main_task: 1.0}, self.aux_tasks)
-        self.acc += inner
+        # The per-task gradients (one backbone pass per task on its own batch, which for a task
+        # alone on its batch is the pass the update needs anyway) give the inner products, and the
+        # update is their combination: no further pass through the backbone.
+        self.acc += engine.gramian(self.names)[0, 1:]
         self.count += 1
         w = self.w
-        total = sum(w[i] * losses.mean(t) for i, t in enumerate(self.names))
-        total.backward()
+        total = engine.backward(dict(zip(self.names, w)), dict(zip(self.names, w)))
         if self.count == self.horizon:
             new = self.w[1:] + self.weight_lr * self.acc / self.count
             self.w = torch.cat([self.w[:1], new.clamp_min(0) if self.nonnegative else new])

@@ -367,7 +367,11 @@ class TaskGradients:
         heads: Mapping[str, float | torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Accumulate ``sum_k shared[k] g_k`` into the backbone's ``.grad`` and ``heads[k] * grad L_k``
-        into each head's, at the cost of one ordinary backward pass.
+        into each head's.
+
+        When this step's parameter-space Jacobian of those tasks is already computed (a method
+        read the Gramian), the backbone's part is ``c @ J`` with no pass through the backbone at
+        all; otherwise it costs one ordinary backward pass.
 
         Args:
             shared: task -> coefficient of its gradient in the shared parameters.
@@ -378,11 +382,22 @@ class TaskGradients:
         """
         tasks = [t for t in self.losses.names if t in shared or (heads and t in heads)]
         heads = {t: 1.0 for t in tasks} if heads is None else heads
-        rep = self.representation_gradients()
         head_total = sum(torch.as_tensor(heads.get(t, 0.0)) * self.losses.mean(t) for t in tasks)
         head_params = [p for t in tasks for p in self.model.head_parameters(t)]
         if head_params:
             torch.autograd.backward(head_total, inputs=head_params, retain_graph=True)
+        jac_tasks = self._cached_jacobian_tasks(shared)
+        if jac_tasks is not None:
+            jac = self._jacobians[jac_tasks]
+            c = torch.stack([torch.as_tensor(shared.get(t, 0.0)).to(jac) for t in jac_tasks])
+            flat = c @ jac  # already averaged over ranks, like the Jacobian
+            offset = 0
+            for p in self.params:
+                g = flat[offset : offset + p.numel()].view_as(p)
+                p.grad = g.clone() if p.grad is None else p.grad + g
+                offset += p.numel()
+            return head_total.detach()
+        rep = self.representation_gradients()
         by_base: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for t in tasks:
             c = shared.get(t, 0.0)
@@ -396,6 +411,16 @@ class TaskGradients:
         grads = [g for _, g in by_base.values()]
         torch.autograd.backward(bases, grad_tensors=grads, inputs=list(self.ctx.shared_parameters))
         return head_total.detach()
+
+    def _cached_jacobian_tasks(self, shared: Mapping[str, float | torch.Tensor]) -> tuple[str, ...] | None:
+        """The task tuple of a computed shared-space Jacobian covering every task of ``shared``."""
+        if self.space != "shared":
+            return None
+        needed = {t for t, c in shared.items() if not (isinstance(c, (int, float)) and c == 0)}
+        for key in self._jacobians:
+            if key and key[0] != "gramian" and needed <= set(key):
+                return key
+        return None
 
 
 def _flat(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]) -> torch.Tensor:
