@@ -313,6 +313,12 @@ class Trainer:
                     if bar is not None:
                         bar.set_postfix_str(self._postfix(scalars, last_val), refresh=False)
                     acc, acc_n, interval_start = {}, 0, time.perf_counter()
+                elif getattr(self.weighting, "updated", False):  # a periodic update gets its own log row
+                    scalars = self.weighting.log_values()
+                    self._check_weights(scalars)
+                    self._log(scalars)
+                if getattr(self.weighting, "updated", False):
+                    self.weighting.updated = False
                 if s.eval_every and self.step % s.eval_every == 0 and self.step < s.steps:
                     last_val = self.evaluate("val")
                     self._track_best(last_val)

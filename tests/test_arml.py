@@ -285,3 +285,23 @@ def test_every_adaptive_method_is_deterministic_for_a_seed(tmp_path, name):
     assert states[0][0] == states[1][0]
     for k, v in states[0][1].items():
         assert torch.equal(v, states[1][1][k]), k
+
+
+def test_every_arml_update_gets_a_log_row_between_log_intervals(tmp_path):
+    import json
+
+    import gin
+
+    from auxframe import config
+    from auxframe.experiment import train
+    from helpers import GIN, quick_bindings
+
+    gin.clear_config()
+    config.parse([GIN / "quickstart.gin", GIN / "models/mlp.gin"], quick_bindings(steps=9, **{
+        "train.weighting": "@weightings.arml()", "weightings.arml.update_every": 3, "train.log_every": 100,
+        "backbones.mlp.hidden": "(16,)", "LowDataSplit.labels_per_class": 3}))
+    train(run_dir=tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "scalars.jsonl").read_text().splitlines()]
+    weight_steps = [r["step"] for r in rows if "weight/rotation" in r and "train/digit/loss" not in r]
+    assert weight_steps == [1, 4, 7]  # updates before steps 0, 3, 6 (0-based) = after steps 1, 4, 7
+    assert all("arml/objective" in r for r in rows if r["step"] in weight_steps)

@@ -125,6 +125,7 @@ class ARML(Weighting):
         with torch.no_grad():
             self.w.copy_(project_to_simplex(self.w, float(len(self.aux_tasks))))
         self.updates += 1
+        self.updated = True  # every update gets its own log row
         self._logs = {"arml/objective": float(objective), "arml/weight_grad_norm": float(grad.norm())}
 
     # -- the protocol ----------------------------------------------------------------------------

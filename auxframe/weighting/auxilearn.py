@@ -228,6 +228,7 @@ class AuxiLearn(Weighting):
         self.outer_optimizer.zero_grad(set_to_none=True)
         self.auxnet.project_()
         self.outer_steps += 1
+        self.updated = True  # every outer step gets its own log row
         self._weights = self._effective_weights(matrix.detach())
         self._logs.update({
             "auxilearn/hypergrad_norm": norm,

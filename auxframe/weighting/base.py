@@ -171,9 +171,13 @@ class Weighting:
 
     Attributes:
         outer_every: run :meth:`outer_step` every this many inner steps; 0 for none.
+        updated: set it to True in a step where a periodic update changed the weights (ARML's
+            weight step, an outer step, DWA's epoch): the trainer then logs :meth:`log_values`
+            at that step, between its log intervals too, and resets it.
     """
 
     outer_every: int = 0
+    updated: bool = False
 
     def setup(self, info: WeightingSetup) -> None:
         """Called once before training (and before :meth:`load_state_dict` on resume)."""

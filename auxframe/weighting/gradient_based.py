@@ -263,6 +263,7 @@ class OLAux(_Coefficients):
             self.w = torch.cat([self.w[:1], new.clamp_min(0) if self.nonnegative else new])
             self.acc.zero_()
             self.count = 0
+            self.updated = True
         return total.detach()
 
     def state_dict(self) -> dict[str, Any]:

@@ -185,6 +185,7 @@ class DWA(_VectorWeights):
         self.sum, self.count = torch.zeros_like(self.sum), 0
         if len(self.history) == 2:
             self.w = dwa_weights(self.history[1], self.history[0], self.temperature)
+            self.updated = True
 
     def state_dict(self) -> dict[str, Any]:
         return {"w": self.w.clone(), "sum": self.sum.clone(), "count": self.count,
