@@ -9,6 +9,7 @@ once and costs nothing.
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
 import sys
 from dataclasses import dataclass
@@ -189,5 +190,16 @@ def init_from_env(device: torch.device) -> Launch:
 
 
 def _destroy() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group at exit, after the other ranks arrive: a rank tearing gloo down while
+    another still talks to it can abort the process ("terminate called without an active
+    exception"). A rank that never arrives (it crashed) is waited for at most a minute."""
+    if not dist.is_initialized():
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+        else:
+            dist.barrier()
+    except Exception:  # noqa: BLE001 - a missing peer must not keep this one from exiting
+        pass
+    dist.destroy_process_group()

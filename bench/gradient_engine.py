@@ -17,8 +17,10 @@ Sections:
      :meth:`TaskGradients.backward` and the SGD step.
    Goals at K = 39: ``repr step / plain <= 1.5``; ``param batched / param loop <= 1`` on CPU and
    ``<= 0.5`` on a GPU.
-2. **ARML's weight step**, K = 2, 5, 39: ``ours`` (one backward for d, one directional derivative
-   of the auxiliary-loss vector along d, forward mode and reverse mode) against ``reference``
+2. **ARML's weight step**, K = 2, 5, 39: the engine's ``fused`` pass (what ARML uses: one
+   backbone backward with a graph gives d, one pass through it every inner product), and d by a
+   backward followed by the inner products in forward mode (``fwd-mode``) or by a double backward
+   over the losses (``dbl-bwd``, what runs under torchrun), against ``reference``
    (the official code's form: the objective built by a backward with ``create_graph`` and
    differentiated in w by a second backward). Values are compared first. Goal: constant in K and
    ``ours / reference <= 1.0`` at every K.
@@ -91,12 +93,15 @@ class Setting:
         self.opt.step()
 
     # -- section 2 -------------------------------------------------------------------------------
-    def arml_ours(self, jvp: str) -> torch.Tensor:
+    def arml_ours(self, mode: str) -> torch.Tensor:
+        """ARML's weight gradient by the engine: ``'fused'`` (one backbone pass with a graph and one
+        through it), or d by a backward then the inner products by ``'forward'`` / ``'reverse'``."""
         losses, ctx = self.losses()
-        engine = TaskGradients(losses, ctx, jvp=jvp)
+        engine = TaskGradients(losses, ctx, jvp="reverse" if mode == "reverse" else "forward")
         w = torch.ones(len(self.names) - 1, device=self.x.device)
-        d = engine.gradient({"main": 1.0, **{n: -w[i] for i, n in enumerate(self.names[1:])}})
-        return -2 * engine.inner_products(self.names[1:], d)
+        coefficients = {"main": 1.0, **{n: -w[i] for i, n in enumerate(self.names[1:])}}
+        _, inner = engine.gradient_and_inner_products(coefficients, self.names[1:], fused=mode == "fused")
+        return -2 * inner
 
     def arml_reference(self) -> torch.Tensor:
         losses, ctx = self.losses()
@@ -159,16 +164,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    K=39 goals: repr step/plain {rp:.2f} <= 1.5 {verdict(rp, 1.5)}; "
                   f"batched/loop {bl:.2f} <= {gpu_goal} {verdict(bl, gpu_goal)}")
 
-    print("\n## 2. ARML weight step (ms per call; ours / reference)")
-    print(f"{'K':>3} {'reference':>10} {'ours fwd':>9} {'ours rev':>9} {'fwd/ref':>8} {'rev/ref':>8}  max rel diff")
+    print("\n## 2. ARML weight step (ms per call; engine / reference)")
+    print(f"{'K':>3} {'reference':>10} {'fused':>7} {'fwd-mode':>9} {'dbl-bwd':>8} {'fused/ref':>10} "
+          f"{'fwd/ref':>8} {'dbl/ref':>8}  max rel diff")
+    modes = ("fused", "forward", "reverse")
     for k in [int(x) for x in args.arml_ks.split(",")]:
         s = Setting(k, device)
-        ref, fwd, rev = s.arml_reference(), s.arml_ours("forward"), s.arml_ours("reverse")
-        diff = max(float(((a - ref).abs() / ref.abs().clamp_min(1e-8)).max()) for a in (fwd, rev))
-        t = race({"ref": s.arml_reference, "fwd": lambda: s.arml_ours("forward"),
-                  "rev": lambda: s.arml_ours("reverse")}, args.rounds, args.calls, sync)
-        print(f"{k:>3} {1e3 * t['ref']:>10.2f} {1e3 * t['fwd']:>9.2f} {1e3 * t['rev']:>9.2f} "
-              f"{t['fwd'] / t['ref']:>8.2f} {t['rev'] / t['ref']:>8.2f}  {diff:.1e}")
+        ref = s.arml_reference()
+        diff = max(float(((s.arml_ours(m) - ref).abs() / ref.abs().clamp_min(1e-8)).max()) for m in modes)
+        t = race({"ref": s.arml_reference, **{m: (lambda m=m: s.arml_ours(m)) for m in modes}},
+                 args.rounds, args.calls, sync)
+        print(f"{k:>3} {1e3 * t['ref']:>10.2f} {1e3 * t['fused']:>7.2f} {1e3 * t['forward']:>9.2f} "
+              f"{1e3 * t['reverse']:>8.2f} {t['fused'] / t['ref']:>10.2f} {t['forward'] / t['ref']:>8.2f} "
+              f"{t['reverse'] / t['ref']:>8.2f}  {diff:.1e}")
     print("    goal: ours/reference <= 1.0 at every K, and ours constant in K")
     return 0
 

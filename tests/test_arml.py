@@ -71,7 +71,7 @@ def test_arml_weight_gradient_equals_autograd_of_the_objective():
     d = torch.autograd.grad(combined, params, create_graph=True, allow_unused=True)
     objective = sum((g * g).sum() for g in d if g is not None)
     (expected,) = torch.autograd.grad(objective, w, retain_graph=True)
-    for jvp in ("forward", "reverse"):
+    for jvp in ("forward", "reverse", "fused"):
         arml.jvp = jvp
         ctx.extras.clear()
         got, value = arml.weight_gradient(losses, ctx)

@@ -171,12 +171,13 @@ def test_projection_differs_from_shift_then_clamp():
     torch.testing.assert_close(w, torch.tensor([3.0, 0.0, 0.0]))
 
 
-@pytest.mark.parametrize("jvp", ["forward", "reverse"])
-def test_gradient_and_inner_products_together_match_explicit(jvp):
+@pytest.mark.parametrize("jvp, fused", [("forward", True), ("forward", False), ("reverse", False)])
+def test_gradient_and_inner_products_together_match_explicit(jvp, fused):
     model, losses, ctx = make_step(seed=6)
     jac = explicit_jacobian(losses, ctx.shared_parameters)
     c = torch.tensor([1.0, -0.5, 2.0, -1.5])
-    d, inner = TaskGradients(losses, ctx, jvp=jvp).gradient_and_inner_products(dict(zip(TASKS, c)), TASKS[1:])
+    engine = TaskGradients(losses, ctx, jvp=jvp)
+    d, inner = engine.gradient_and_inner_products(dict(zip(TASKS, c)), TASKS[1:], fused=fused)
     expected_d = c @ jac
     torch.testing.assert_close(torch.cat([x.reshape(-1) for x in d]), expected_d, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(inner, jac[1:] @ expected_d, rtol=1e-4, atol=1e-6)

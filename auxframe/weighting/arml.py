@@ -12,8 +12,8 @@ projection onto the set (the official code shifts then clamps, which can leave t
 
 Cost: ``d`` is one backward pass of ``L_main - sum_k w_k L_k``; all K inner products ``<d, g_k>``
 come from one directional derivative of the auxiliary-loss vector along ``d`` (one forward-mode
-pass of the backbone, or a double backward; see :mod:`auxframe.weighting.gradients`), so the
-weight step costs the same at K = 2 and K = 39.
+pass of the backbone; see :mod:`auxframe.weighting.gradients`), so the weight step costs the same
+at K = 2 and K = 39: 0.8 of the official code's double backward on CPU (bench/gradient_engine.py).
 
 Two algorithms (``algorithm=``):
 
@@ -56,7 +56,11 @@ class ARML(Weighting):
         noise_std: standard deviation of the noise added to each parameter per burn-in step.
         space: where gradients are compared: ``'shared'`` (all backbone parameters, the paper),
             ``'last_shared'`` or ``'representation'`` (see :mod:`auxframe.weighting.gradients`).
-        jvp: ``'forward'`` or ``'reverse'``: how the inner products are computed.
+        jvp: how the inner products ``<d, g_k>`` are computed after d's backward pass:
+            ``'forward'`` (one forward-mode pass through the backbone; the fastest on CPU),
+            ``'reverse'`` (a double backward over the losses; exact with dropout), or
+            ``'fused'`` (d and the inner products from one backbone pass with a graph and one
+            through it; see :meth:`TaskGradients.gradient_and_inner_products`).
         seed: seed of the Langevin noise.
     """
 
@@ -86,8 +90,8 @@ class ARML(Weighting):
                 f"algorithm='langevin' needs burn_in > 0 and noise_std > 0 (got burn_in={burn_in}, "
                 f"noise_std={noise_std}); set both, or use algorithm='simple'."
             )
-        if jvp not in JVP_MODES:
-            raise ConfigError(f"weightings.arml.jvp must be one of {JVP_MODES}, got {jvp!r}.")
+        if jvp not in (*JVP_MODES, "fused"):
+            raise ConfigError(f"weightings.arml.jvp must be one of {(*JVP_MODES, 'fused')}, got {jvp!r}.")
         self.update_every = int(update_every)
         self.weight_optimizer_factory = weight_optimizer or torch.optim.Adam
         self.weight_lr = float(weight_lr)
@@ -110,10 +114,10 @@ class ARML(Weighting):
     # -- the weight step -------------------------------------------------------------------------
     def weight_gradient(self, losses: TaskLosses, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """``(df/dw, f)`` at the current weights: ``-2 <d, g_k>`` for every k, and ``||d||^2``."""
-        engine = TaskGradients.of(losses, ctx, space=self.space, jvp=self.jvp)
+        engine = TaskGradients.of(losses, ctx, space=self.space, jvp="reverse" if self.jvp == "reverse" else "forward")
         w = self.w.detach()
         coefficients = {self.main_task: 1.0, **{t: -w[i] for i, t in enumerate(self.aux_tasks)}}
-        d, inner = engine.gradient_and_inner_products(coefficients, self.aux_tasks)
+        d, inner = engine.gradient_and_inner_products(coefficients, self.aux_tasks, fused=self.jvp == "fused")
         objective = sum((x * x).sum() for x in d)
         return -2.0 * inner, objective
 
