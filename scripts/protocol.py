@@ -54,6 +54,9 @@ METHODS: dict[str, Method] = {
     **{key: Method(label, f"gin_configs/experiments/digits_{key}.gin", "rotation, parity, ge5") for key, label in [
         ("arml", "ARML"), ("uncertainty", "Uncertainty"), ("adaloss", "AdaLoss"), ("dwa", "DWA"),
         ("gradnorm", "GradNorm"), ("gcs", "GCS"), ("ol_aux", "OL_AUX"), ("pcgrad", "PCGrad")]},
+    "s4l_equal": Method("Equal", "gin_configs/experiments/digits_s4l_arml.gin", "rotation, exemplar",
+                        ("train.weighting = @weightings.equal()",)),
+    "s4l_arml": Method("ARML", "gin_configs/experiments/digits_s4l_arml.gin", "rotation, exemplar"),
     "generated_labels": Method("Generated labels (AuxiLearn)", "gin_configs/experiments/digits_generated_labels.gin",
                                "generated: 5 per digit, no hand-made task"),
 }
