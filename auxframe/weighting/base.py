@@ -25,6 +25,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from auxframe import distributed
+
 
 class TaskLosses:
     """The per-task losses of one step, unreduced.
@@ -225,3 +227,40 @@ class Weighting:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+
+class VectorWeights(Weighting):
+    """A weighting whose state is one weight per task, in ``[main, *aux]`` order, combined as
+    ``sum_t w_t L_t``: the base of the loss- and gradient-based methods.
+
+    Subclasses change ``self.w`` (a ``(T,)`` tensor, all ones at the start) and may override
+    :meth:`current` when the weights are derived from other parameters.
+    """
+
+    def setup(self, info: WeightingSetup) -> None:
+        super().setup(info)
+        self.names = [self.main_task, *self.aux_tasks]
+        self.w = torch.ones(len(self.names), device=info.device)
+
+    def current(self) -> torch.Tensor:
+        """The weights used for this step's update, ``(T,)`` in ``[main, *aux]`` order."""
+        return self.w
+
+    def loss_vector(self, losses: TaskLosses) -> torch.Tensor:
+        """The step's mean losses ``(T,)``, detached, averaged over ranks under torchrun."""
+        values = torch.stack([losses.mean(t).detach() for t in self.names])
+        distributed.all_reduce_mean([values])
+        return values
+
+    def combine(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
+        w = self.current().detach()
+        return sum(w[i] * losses.mean(t) for i, t in enumerate(self.names) if t in losses)
+
+    def weights(self) -> dict[str, float]:
+        return dict(zip(self.names, self.current().detach().tolist()))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"w": self.w.detach().clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.w = state["w"].to(self.w.device).clone()

@@ -11,15 +11,14 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from auxframe import distributed
 from auxframe.errors import ConfigError
-from auxframe.weighting.base import StepContext, TaskLosses, Weighting, WeightingSetup
+from auxframe.weighting.base import StepContext, TaskLosses, VectorWeights, WeightingSetup
 from auxframe.weighting.gradients import TaskGradients, check_space
 
 _EPS = 1e-12
 
 
-class _Coefficients(Weighting):
+class _Coefficients(VectorWeights):
     """Shared methods of the gradient-based weightings: per-task coefficients over ``[main, *aux]``."""
 
     space = "shared"
@@ -28,20 +27,9 @@ class _Coefficients(Weighting):
         super().setup(info)
         if not self.aux_tasks:
             raise ConfigError(f"{type(self).__name__} weighs auxiliary tasks, but the task graph has none; use weightings.stl.")
-        self.names = [self.main_task, *self.aux_tasks]
-        self.w = torch.ones(len(self.names), device=info.device)
 
     def engine(self, losses: TaskLosses, ctx: StepContext) -> TaskGradients:
         return TaskGradients.of(losses, ctx, space=self.space)
-
-    def weights(self) -> dict[str, float]:
-        return dict(zip(self.names, self.w.detach().tolist()))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"w": self.w.detach().clone()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.w = state["w"].to(self.w.device).clone()
 
 
 class GradNorm(_Coefficients):
@@ -85,8 +73,7 @@ class GradNorm(_Coefficients):
 
     def weight_gradient(self, losses: TaskLosses, norms: torch.Tensor) -> torch.Tensor:
         """``dL_grad/dw`` given the per-task gradient norms ``||grad_W L_t||``."""
-        values = torch.stack([losses.mean(t).detach() for t in self.names])
-        distributed.all_reduce_mean([values])  # every rank derives the same weights
+        values = self.loss_vector(losses)  # averaged over ranks: every rank derives the same weights
         if self.initial is None:
             self.initial = values.clone()
         w = self.w.detach()
@@ -98,8 +85,7 @@ class GradNorm(_Coefficients):
 
     def backward(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
         norms = self.engine(losses, ctx).norms(self.names)
-        w = self.w.detach()
-        total = sum(w[i] * losses.mean(t) for i, t in enumerate(self.names))
+        total = self.combine(losses, ctx)
         grad = self.weight_gradient(losses, norms)
         total.backward()
         self.optimizer.zero_grad(set_to_none=True)

@@ -11,44 +11,11 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from auxframe import distributed
 from auxframe.errors import ConfigError
-from auxframe.weighting.base import StepContext, TaskLosses, Weighting, WeightingSetup
+from auxframe.weighting.base import StepContext, TaskLosses, VectorWeights, WeightingSetup
 
 
-class _VectorWeights(Weighting):
-    """Weights held as one vector over ``[main, *aux]``, combined as ``sum_t w_t L_t``."""
-
-    def loss_vector(self, losses: TaskLosses) -> torch.Tensor:
-        """The step's mean losses ``(T,)``, detached, averaged over ranks under torchrun."""
-        values = torch.stack([losses.mean(t).detach() for t in self.names])
-        distributed.all_reduce_mean([values])
-        return values
-
-    def setup(self, info: WeightingSetup) -> None:
-        super().setup(info)
-        self.names = [self.main_task, *self.aux_tasks]
-        self.w = torch.ones(len(self.names), device=info.device)
-
-    def current(self) -> torch.Tensor:
-        """The weights used for this step's update, ``(T,)`` in ``[main, *aux]`` order."""
-        return self.w
-
-    def combine(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
-        w = self.current()
-        return sum(w[i] * losses.mean(t) for i, t in enumerate(self.names) if t in losses)
-
-    def weights(self) -> dict[str, float]:
-        return dict(zip(self.names, self.current().detach().tolist()))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"w": self.w.detach().clone()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.w = state["w"].to(self.w.device).clone()
-
-
-class Uncertainty(_VectorWeights):
+class Uncertainty(VectorWeights):
     """Homoscedastic uncertainty weighting (Kendall, Gal and Cipolla, CVPR 2018).
 
     Each task has a learned log-variance ``s_t`` (trained with the model by its optimizer):
@@ -89,7 +56,7 @@ class Uncertainty(_VectorWeights):
             self.log_var.copy_(state["log_var"])
 
 
-class AdaLoss(_VectorWeights):
+class AdaLoss(VectorWeights):
     """Adaptive loss balancing (Hu, Dey, Hebert and Bagnell, AAAI 2019).
 
     Minimising ``sum_t log L_t`` instead of ``sum_t L_t`` weights each task by the inverse of its
@@ -142,7 +109,7 @@ class AdaLoss(_VectorWeights):
         self.started = bool(state["started"])
 
 
-class DWA(_VectorWeights):
+class DWA(VectorWeights):
     """Dynamic Weight Average (Liu, Johns and Davison, "End-to-End Multi-Task Learning with
     Attention", CVPR 2019).
 
