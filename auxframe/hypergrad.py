@@ -43,16 +43,28 @@ products (``curvature="gauss_newton"``: ``G v = J^T H_out J v`` with ``J = d out
 positive semi-definite whenever ``output_loss`` is convex in the outputs, as cross-entropy and
 squared error are).
 
+The curvature may come from another loss than ``train_loss`` (``hessian_loss=``): typically the
+training loss on a random part of the batch. A Hessian-vector product costs in proportion to the
+examples it runs through, and the Neumann series needs ``J`` of them in a row, so a curvature
+mini-batch smaller than the gradient mini-batch (Martens, "Deep learning via Hessian-free
+optimization", ICML 2010; Byrd et al., "On the use of stochastic Hessian information in
+optimization methods for machine learning", SIAM J. Optim. 2011) cuts most of the outer step's
+cost. The products then estimate the same expected Hessian from fewer examples.
+
 Finally the mixed term is one more backward pass, ``grad_phi(g . p)``, on the same retained gradient
 graph (``mixed="vjp"``), or one first-order backward per element of ``phi`` (``mixed="jacobian"``:
 ``<grad_W dL_T/dphi_i, p>``, by symmetry of second derivatives), which needs no double backward
-through the main network when ``phi`` only weights its losses.
+through the main network when ``phi`` only weights its losses, or ``grad_phi`` of a directional
+derivative that the caller computes (``mixed="directional"``: ``directional(p)`` returns
+``<grad_W L_T, p>`` as a function of ``phi``; AuxiLearn gets it from one forward-mode pass of the
+model along ``p``, cheaper than a backward through the gradient graph and with no gradient graph of
+``train_loss`` at all when ``hessian_loss`` carries the curvature).
 
 Reverse over reverse is the default because the gradient graph is built once and shared by all
 ``J`` products and the mixed term; ``bench/hypergrad_methods.py`` compares it with
 forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``), which rebuilds forward and
-backward for every product. A forward-mode mixed term (directional derivatives of the task losses
-along ``p``) needs the model as a function, not just tensors, so it is not offered here.
+backward for every product. A forward-mode mixed term needs the model as a function, not just
+tensors, so this module takes it from the caller (``mixed="directional"``).
 
 This module knows nothing about tasks or trainers: it takes scalar losses and lists of tensors.
 
@@ -111,7 +123,7 @@ MIXED_JACOBIAN_MAX = 1_000
 
 METHODS = ("neumann", "cg", "exact", "first_order")
 CURVATURES = ("hessian", "gauss_newton")
-MIXED = ("vjp", "jacobian")
+MIXED = ("vjp", "jacobian", "directional")
 
 Params = Union[Sequence[Tensor], Iterable[Tensor]]
 Outputs = Union[Tensor, Sequence[Tensor]]
@@ -746,6 +758,17 @@ def _mixed_vjp(grads: list[Tensor], p: list[Tensor], outer: list[Tensor]) -> lis
     return _zeros_for_none(mixed, outer)
 
 
+def _mixed_directional(directional, p: list[Tensor], outer: list[Tensor]) -> list[Tensor]:
+    """``grad_phi <grad_W L_T, p>`` from the caller's directional derivative ``directional(p)``."""
+    value = directional([t.detach() for t in p])
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise HypergradError("directional(p) must return a scalar tensor <grad_W train_loss, p>.")
+    if not value.requires_grad:
+        return [torch.zeros_like(t) for t in outer]
+    mixed = torch.autograd.grad(value, outer, allow_unused=True)
+    return _zeros_for_none(mixed, outer)
+
+
 def _mixed_jacobian(
     train_loss: Tensor, inner: list[Tensor], outer: list[Tensor], p: list[Tensor]
 ) -> list[Tensor]:
@@ -773,12 +796,20 @@ def _mixed_jacobian(
 # The hypergradient
 
 
-def _check_options(method, neumann_terms, alpha, cg_iters, cg_tol, mixed):
+def _check_options(method, neumann_terms, alpha, cg_iters, cg_tol, mixed, directional=None):
     """Raise :class:`HypergradError` on an unknown method or an out-of-range setting."""
     if method not in METHODS:
         raise HypergradError(f"unknown method '{method}'; choose one of {METHODS}.")
     if mixed not in MIXED:
         raise HypergradError(f"unknown mixed '{mixed}'; choose one of {MIXED}.")
+    if (mixed == "directional") != (directional is not None):
+        raise HypergradError(
+            "mixed='directional' and directional= go together: pass directional (a callable "
+            "p -> <grad_W train_loss, p>, differentiable in outer_params) with mixed='directional', "
+            "and only then."
+        )
+    if directional is not None and not callable(directional):
+        raise HypergradError(f"directional must be callable, got {type(directional).__name__}.")
     if isinstance(neumann_terms, bool) or not isinstance(neumann_terms, int) or neumann_terms < 0:
         raise HypergradError(f"neumann_terms must be an int >= 0, got {neumann_terms!r}.")
     if isinstance(alpha, bool) or not (
@@ -799,7 +830,7 @@ def _check_loss(loss: Tensor, name: str):
 
 
 def hypergradient(
-    train_loss: Tensor,
+    train_loss: Tensor | None,
     outer_loss: Tensor,
     inner_params: Params,
     outer_params: Params,
@@ -815,6 +846,8 @@ def hypergradient(
     outputs: Outputs | None = None,
     output_loss: Callable[..., Tensor] | None = None,
     reduce: Callable[[list[Tensor]], None] | None = None,
+    hessian_loss: Tensor | None = None,
+    directional: Callable[[list[Tensor]], Tensor] | None = None,
 ) -> HypergradResult:
     """The implicit hypergradient ``dL_A/dphi`` of ``outer_loss`` w.r.t. ``outer_params``.
 
@@ -827,7 +860,8 @@ def hypergradient(
 
     Args:
         train_loss: scalar ``L_T(W, phi)``; its graph reaches ``inner_params`` and
-            ``outer_params``.
+            ``outer_params``. Not differentiated (so it may be detached, or None) when
+            ``mixed="directional"`` and ``hessian_loss`` carries the curvature.
         outer_loss: scalar ``L_A(W)`` (may also depend on ``phi``: that direct term is added).
         inner_params: ``W`` (any sequence or generator; a generator is consumed once).
         outer_params: ``phi`` (any sequence or generator).
@@ -848,12 +882,19 @@ def hypergradient(
             gradient graph. ``"jacobian"``: one first-order backward per element of
             ``outer_params`` (at most :data:`MIXED_JACOBIAN_MAX`); with ``method="first_order"``
             it needs no double backward through the main network when ``phi`` only weights losses.
+            ``"directional"``: ``grad_phi directional(p)`` (see ``directional``).
         outputs: for ``gauss_newton``: the tensor(s) ``train_loss`` is computed from.
         output_loss: for ``gauss_newton``: maps ``outputs`` (a tensor, or a list in the order of
             ``outputs``) to the scalar training loss.
         reduce: for data-parallel training, averages a list of tensors over processes in place
             (``auxframe.distributed.all_reduce_mean``); the result is then the hypergradient of
             the losses' mean over processes, the same on every process. None in one process.
+        hessian_loss: the scalar whose curvature the products use (``hessian`` curvature), by
+            default ``train_loss``; e.g. the training loss on a random part of the batch (see
+            the module docstring). Its graph must reach ``inner_params``.
+        directional: for ``mixed="directional"``: a callable taking ``p`` (one detached tensor per
+            inner parameter) and returning the scalar ``<grad_W train_loss, p>`` as a
+            differentiable function of ``outer_params``.
 
     Returns:
         A :class:`HypergradResult`.
@@ -865,13 +906,16 @@ def hypergradient(
     """
     inner = _as_list(inner_params, "inner_params")
     outer = _as_list(outer_params, "outer_params")
-    _check_options(method, neumann_terms, alpha, cg_iters, cg_tol, mixed)
-    _check_loss(train_loss, "train_loss")
+    _check_options(method, neumann_terms, alpha, cg_iters, cg_tol, mixed, directional)
+    needs_curvature = method != "first_order"
+    if mixed != "directional" or (needs_curvature and hessian_loss is None):
+        _check_loss(train_loss, "train_loss")  # (not differentiated otherwise: may be None)
     _check_loss(outer_loss, "outer_loss")
+    if hessian_loss is not None:
+        _check_loss(hessian_loss, "hessian_loss")
     inner_ids = {id(t) for t in inner}
     if any(id(t) in inner_ids for t in outer):
         raise HypergradError("a tensor appears in both inner_params and outer_params.")
-    needs_curvature = method != "first_order"
     if not needs_curvature and (outputs is not None or output_loss is not None):
         raise HypergradError(
             "method='first_order' uses no curvature; leave out outputs and output_loss."
@@ -879,12 +923,14 @@ def hypergradient(
     if needs_curvature:
         _check_curvature(curvature, outputs, output_loss)
     hint = _fix_hint(method, mixed)
-    # Second derivatives are taken through every op between W and L_T (curvature, mixed='vjp'),
-    # or between phi and L_T (mixed='jacobian').
-    twice = (inner if needs_curvature or mixed == "vjp" else []) + (
-        outer if mixed == "jacobian" else []
-    )
-    _check_once_differentiable([train_loss], twice, hint)
+    curvature_loss = train_loss if hessian_loss is None else hessian_loss
+    # Second derivatives are taken through every op between W and the curvature loss (curvature),
+    # between W and L_T (mixed='vjp'), or between phi and L_T (mixed='jacobian').
+    if needs_curvature:
+        _check_once_differentiable([curvature_loss], inner, hint)
+    twice = (inner if mixed == "vjp" else []) + (outer if mixed == "jacobian" else [])
+    if twice:
+        _check_once_differentiable([train_loss], twice, hint)
 
     with torch.enable_grad(), _explain_double_backward(hint):
         direct_and_v = torch.autograd.grad(
@@ -895,16 +941,23 @@ def hypergradient(
         if reduce is not None:
             reduce(v)
 
-        hessian = None  # the retained gradient graph g = grad_W L_T, when something needs it
-        if mixed == "vjp" or (needs_curvature and curvature == "hessian"):
-            hessian = HessianOperator._from_loss(train_loss, inner, hint)
+        # The retained gradient graphs g = grad_W (loss), built only where something needs them.
+        train_graph = (
+            HessianOperator._from_loss(train_loss, inner, hint) if mixed == "vjp" else None
+        )
+        curvature_graph = None
+        if needs_curvature and curvature == "hessian":
+            curvature_graph = (
+                train_graph if train_graph is not None and hessian_loss is None
+                else HessianOperator._from_loss(curvature_loss, inner, hint)
+            )
         operator = None
         if needs_curvature:
             operator = _curvature_operator(
-                curvature, train_loss, inner, outputs, output_loss, hint, hessian
+                curvature, curvature_loss, inner, outputs, output_loss, hint, curvature_graph
             )
             operator = _with_reduce(operator, reduce)
-        source = operator if operator is not None else hessian
+        source = operator if operator is not None else train_graph
         reached = source.reached if source is not None else [True] * len(inner)
         v_reached = [t if r else torch.zeros_like(t) for t, r in zip(v, reached)]
 
@@ -913,7 +966,9 @@ def hypergradient(
             method, operator, v_reached, reached, terms, alpha, scale_by_alpha, cg_iters, cg_tol
         )
         if mixed == "vjp":
-            mixed_term = _mixed_vjp(hessian.grads, p, outer)
+            mixed_term = _mixed_vjp(train_graph.grads, p, outer)
+        elif mixed == "directional":
+            mixed_term = _mixed_directional(directional, p, outer)
         else:
             mixed_term = _mixed_jacobian(train_loss, inner, outer, p)
 

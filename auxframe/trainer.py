@@ -217,7 +217,7 @@ class Trainer:
         values = {t: self.tasks[t].loss(outputs[t], targets[t]) for t in outputs}
         return TaskLosses(
             values, self.graph.main.name, self._aux_names, self._group_tasks,
-            outputs=outputs, from_outputs=lambda new: self._losses_from(new, targets),
+            outputs=outputs, from_outputs=lambda new, other=None: self._losses_from(new, targets if other is None else other),
             features=features, inputs=inputs, targets=targets,
         )
 

@@ -66,7 +66,8 @@ GOAL_OUTER_J3 = 6.0  # an outer step with J = 3 costs at most this many inner st
 GOAL_THROUGHPUT = 1.3  # AuxiLearn (outer every 20 steps) / Equal
 JS = (0, 1, 3, 5)
 WS = ("shared", "all")
-SECTIONS = ("ratio", "memory", "throughput", "profile", "whatif")
+SECTIONS = ("ratio", "memory", "throughput", "profile", "whatif", "fraction")
+FRACTIONS = (1.0, 0.5, 0.25)
 
 
 # -- building -----------------------------------------------------------------------------------
@@ -88,10 +89,11 @@ def build_trainer(args, device: torch.device, weighting=None) -> Trainer:
                    base.schedule, device, seed=base.seed, run_dir=None, loggers=(), progress=False)
 
 
-def make_auxilearn(args, inner_params: str = "shared") -> AuxiLearn:
+def make_auxilearn(args, inner_params: str = "shared", **options) -> AuxiLearn:
     alpha = args.alpha if args.alpha == "auto" else float(args.alpha)
+    options = {"mixed": args.mixed, "curvature_fraction": args.curvature_fraction, **options}
     return AuxiLearn(auxnet="linear", outer_every=args.outer_every, neumann_terms=3, alpha=alpha,
-                     inner_params=inner_params)
+                     inner_params=inner_params, **options)
 
 
 def warm_up(trainer: Trainer, steps: int, sync) -> float:
@@ -642,6 +644,56 @@ def section_whatif(args, tr: Trainer, sync, j3_ratio: float | None) -> None:
           f"{base * (1 - a - b):.2f}, with A+B+D {base * (1 - a - b - d):.2f} (goal {GOAL_OUTER_J3:g})")
 
 
+# -- 6. curvature mini-batch ----------------------------------------------------------------------
+def _cosine(a, b) -> float:
+    x, y = torch.cat([t.reshape(-1) for t in a]), torch.cat([t.reshape(-1) for t in b])
+    return float(x @ y / (x.norm() * y.norm()).clamp_min(1e-30))
+
+
+def section_fraction(args, tr: Trainer, sync) -> dict:
+    """Outer step cost and hypergradient agreement for curvature_fraction in FRACTIONS (J=3)."""
+    from auxframe.weighting.auxilearn import _restore_batchnorm_mode, _set_batchnorm_mode
+
+    print(f"\n== 6. curvature mini-batch: curvature_fraction = {', '.join(map(str, FRACTIONS))} (J=3, W=shared, "
+          f"mixed {tr.weighting.mixed}) ==")
+    print("  cost: each round a block of inner steps, then one outer step per fraction (order alternating);\n"
+          "  agreement: on one training batch and one aux-set batch, the hypergradient with each fraction\n"
+          "  (a fresh random subset each round) against the whole batch's (cosine), beside the cosine between\n"
+          "  the whole-batch hypergradients of two different training batches (the noise SGD already has)")
+    w = tr.weighting
+    w.neumann_terms = 3
+    ratio = {f: [] for f in FRACTIONS}
+    agree = {f: [] for f in FRACTIONS if f < 1}
+    noise: list[float] = []
+    for r in rounds(args.time_limit, args.rounds):
+        inner = timed(tr.inner_step, args.inner_steps, sync)
+        for f in (FRACTIONS if r % 2 == 0 else FRACTIONS[::-1]):
+            w.curvature_fraction = f
+            ratio[f].append(timed(lambda: w.outer_step(tr.ctx), 1, sync) / inner)
+        saved = _set_batchnorm_mode(tr.model, w.outer_bn_mode == "train")
+        try:
+            outer_loss = tr.ctx.aux_set_losses().mean(w.main_task)
+            first, second = tr.ctx.train_losses(), tr.ctx.train_losses()
+            w.curvature_fraction = 1.0
+            whole = w.hypergradient(tr.ctx, first, outer_loss)[0].grads
+            noise.append(_cosine(whole, w.hypergradient(tr.ctx, second, outer_loss)[0].grads))
+            for f in agree:
+                w.curvature_fraction = f
+                agree[f].append(_cosine(w.hypergradient(tr.ctx, first, outer_loss)[0].grads, whole))
+        finally:
+            _restore_batchnorm_mode(saved)
+            w.curvature_fraction = args.curvature_fraction
+    for f in FRACTIONS:
+        line = f"  fraction {f:<5g} outer / inner {spread(ratio[f])}"
+        if f < 1:
+            line += f"; cosine with the whole batch's hypergradient {spread(agree[f], '.3f')}"
+        print(line)
+    print(f"  whole batch vs another training batch: cosine {spread(noise, '.3f')}")
+    for f in FRACTIONS:
+        print(f"J=3 outer / inner with curvature_fraction {f:g}: {verdict(statistics.median(ratio[f]), GOAL_OUTER_J3)}")
+    return {"ratio": ratio, "agree": agree, "noise": noise}
+
+
 # -- main ---------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -662,6 +714,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weight-decay", type=float, default=5e-4, help="as gin_configs/base/train.gin")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--mixed", default="auto", help="AuxiLearn mixed: auto (default), forward, vjp, jacobian")
+    p.add_argument("--curvature-fraction", type=float, default=1.0,
+                   help="AuxiLearn curvature_fraction for every section but 6 (default 1.0)")
     args = p.parse_args(argv)
     args.tasks = "all"  # the quickstart task graph, for framework_tax.build_auxframe
     sections = [s for s in args.sections.split(",") if s]
@@ -686,7 +741,8 @@ def main(argv: list[str] | None = None) -> int:
     n_shared = sum(q.numel() for q in tr.ctx.shared_parameters)
     print(f"  quickstart: small_cnn 32-64-64, {n_params:,} parameters ({n_shared:,} shared); batch groups "
           f"{', '.join(g.key for g in tr.groups)}; AuxiLearn linear auxnet, outer_every {args.outer_every}, "
-          f"alpha {args.alpha}, Neumann, curvature hessian, outer_bn_mode train")
+          f"alpha {args.alpha}, Neumann, curvature hessian, outer_bn_mode train, mixed {args.mixed}, "
+          f"curvature_fraction {args.curvature_fraction:g}")
     first = {W: warm_up(t, args.warmup, sync) for W, t in trainers.items()}
     print("  warm-up (untimed): per trainer {} inner steps, then the first outer step, which for alpha='auto' "
           "includes the power iteration: {}".format(
@@ -710,6 +766,8 @@ def main(argv: list[str] | None = None) -> int:
         section_profile(args, tr, sync)
     if "whatif" in sections:
         section_whatif(args, tr, sync, j3_ratio)
+    if "fraction" in sections:
+        section_fraction(args, tr, sync)
     print("\n== summary ==")
     if j3_ratio is not None:
         print(f"  outer step J=3 / inner step (W=shared): {verdict(j3_ratio, GOAL_OUTER_J3)}")

@@ -54,6 +54,12 @@ METHODS: dict[str, Method] = {
     **{key: Method(label, f"gin_configs/experiments/digits_{key}.gin", "rotation, parity, ge5") for key, label in [
         ("arml", "ARML"), ("uncertainty", "Uncertainty"), ("adaloss", "AdaLoss"), ("dwa", "DWA"),
         ("gradnorm", "GradNorm"), ("gcs", "GCS"), ("ol_aux", "OL_AUX"), ("pcgrad", "PCGrad")]},
+    # AuxiLearn with its Hessian-vector products on a random part of each training batch
+    # (weightings.auxilearn.curvature_fraction): the speed/accuracy trade-off of that option.
+    **{f"auxilearn_{net}_cf{pct}": Method(f"AuxiLearn ({net}, curvature on {pct}%)",
+                                          f"gin_configs/experiments/digits_auxilearn_{net}.gin", "rotation, parity, ge5",
+                                          (f"weightings.auxilearn.curvature_fraction = {pct / 100}",))
+       for net in ("linear", "nonlinear") for pct in (100, 50, 25)},
     "s4l_equal": Method("Equal", "gin_configs/experiments/digits_s4l_arml.gin", "rotation, exemplar",
                         ("train.weighting = @weightings.equal()",)),
     "s4l_arml": Method("ARML", "gin_configs/experiments/digits_s4l_arml.gin", "rotation, exemplar"),

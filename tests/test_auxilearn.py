@@ -83,6 +83,10 @@ def test_needs_an_aux_set():
     ({"outer_bn_mode": "frozen"}, "outer_bn_mode must be one of"),
     ({"outer_every": 0}, "outer_every must be a positive integer"),
     ({"alpha": -1.0}, "alpha must be 'auto' or a positive number"),
+    ({"curvature_fraction": 0.0}, r"curvature_fraction must be a number in \(0, 1\]"),
+    ({"curvature_fraction": 1.5}, r"curvature_fraction must be a number in \(0, 1\]"),
+    ({"curvature_fraction": 0.5, "method": "first_order"}, "has no effect with method='first_order'"),
+    ({"mixed": "fd"}, "mixed must be one of 'auto', 'forward', 'vjp', 'jacobian'"),
 ])
 def test_bad_settings_are_named(kwargs, words):
     with pytest.raises(ConfigError, match=words):
@@ -211,3 +215,153 @@ def test_first_order_with_the_jacobian_mixed_term_equals_minus_the_gradient_alig
     g_outer = torch.autograd.grad(outer, W, retain_graph=True)[0]
     expected = [-(torch.autograd.grad(l.mean(), W, retain_graph=True)[0] @ g_outer) for l in (l_main, l_aux)]
     assert torch.allclose(res.grads[0].flatten(), torch.stack(expected), rtol=1e-5)
+
+
+# -- the forward-mode mixed term and the curvature mini-batch, on a hand-built step ------------------
+class _NoForwardAD(torch.autograd.Function):
+    """The identity, with a backward but no forward-mode derivative."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _Step:
+    """A tiny model, one batch shared by 'main' and 'parity' and another batch for 'rotation'."""
+
+    def __init__(self, no_forward_ad: bool = False, seed: int = 0):
+        from auxframe.models.backbones import SmallCNN
+        from auxframe.models.heads import ClassificationHead
+        from auxframe.models.multitask import MultiTaskModel
+        from auxframe.weighting.base import StepContext
+
+        torch.manual_seed(seed)
+        backbone = SmallCNN(input_shape=(1, 8, 8), channels=(4, 6), pool_after=(0,))
+        heads = {n: ClassificationHead((backbone.out_features,), c) for n, c in [("main", 10), ("parity", 2), ("rotation", 4)]}
+        self.model = MultiTaskModel(backbone, heads).double()
+        g = torch.Generator().manual_seed(seed + 1)
+        self.x = {"a": torch.randn(12, 1, 8, 8, generator=g, dtype=torch.float64),
+                  "b": torch.randn(16, 1, 8, 8, generator=g, dtype=torch.float64)}
+        self.targets = {"main": torch.randint(0, 10, (12,), generator=g), "parity": torch.randint(0, 2, (12,), generator=g),
+                        "rotation": torch.randint(0, 4, (16,), generator=g)}
+        self.x_aux = torch.randn(10, 1, 8, 8, generator=g, dtype=torch.float64)
+        self.y_aux = torch.randint(0, 10, (10,), generator=g)
+        self.no_forward_ad = no_forward_ad
+        self.ctx = StepContext(0, self.model, self.model.shared_parameters(), train_losses=self.losses,
+                               aux_set_losses=self.aux_losses)
+
+    def from_outputs(self, outputs, targets=None):
+        targets = self.targets if targets is None else targets
+        if self.no_forward_ad:
+            outputs = {t: _NoForwardAD.apply(o) for t, o in outputs.items()}
+        values = {t: torch.nn.functional.cross_entropy(o, targets[t], reduction="none") for t, o in outputs.items()}
+        return TaskLosses(values, "main", ["parity", "rotation"], [("main", "parity"), ("rotation",)],
+                          outputs=outputs, from_outputs=self.from_outputs, targets=targets)
+
+    def losses(self):
+        outputs = {**self.model(self.x["a"], tasks=["main", "parity"]), **self.model(self.x["b"], tasks=["rotation"])}
+        losses = self.from_outputs(outputs)
+        losses.inputs = {"main": self.x["a"], "parity": self.x["a"], "rotation": self.x["b"]}
+        return losses
+
+    def aux_losses(self):
+        out = self.model(self.x_aux, tasks=["main"])["main"]
+        return TaskLosses({"main": torch.nn.functional.cross_entropy(out, self.y_aux, reduction="none")}, "main", [], [["main"]])
+
+    def weighting(self, **kwargs) -> AuxiLearn:
+        from auxframe.weighting.base import WeightingSetup
+
+        torch.manual_seed(3)
+        w = AuxiLearn(alpha=0.05, **kwargs)
+        w.setup(WeightingSetup("main", ["parity", "rotation"], self.model, self.model.shared_parameters(),
+                               torch.device("cpu"), total_steps=10, steps_per_epoch=1, has_aux_set=True))
+        w.auxnet.double()
+        return w
+
+    def hypergradient(self, w: AuxiLearn) -> torch.Tensor:
+        result, _ = w.hypergradient(self.ctx, self.losses(), self.aux_losses().mean("main"))
+        return torch.cat([g.reshape(-1) for g in result.grads])
+
+
+@pytest.mark.parametrize("auxnet", ["linear", "nonlinear"])
+def test_forward_mode_mixed_term_equals_the_backward_one(auxnet):
+    step = _Step()
+    forward = step.hypergradient(step.weighting(auxnet=auxnet, mixed="forward"))
+    backward = step.hypergradient(step.weighting(auxnet=auxnet, mixed="vjp"))
+    assert backward.norm() > 1e-6
+    assert ((forward - backward).norm() / backward.norm()).item() < 1e-8
+    assert step.weighting(auxnet=auxnet)._mixed_mode(step.ctx, step.losses()) == "forward"  # what 'auto' picks
+
+
+def test_an_op_without_forward_mode_falls_back_to_the_backward_mixed_term():
+    step = _Step(no_forward_ad=True)
+    w = step.weighting(auxnet="linear")
+    with pytest.warns(RuntimeWarning, match="forward-mode mixed term failed"):
+        fallback = step.hypergradient(w)
+    assert w._mixed_mode(step.ctx, step.losses()) == "vjp"  # from then on
+    expected = step.hypergradient(step.weighting(auxnet="linear", mixed="vjp"))
+    assert torch.allclose(fallback, expected, rtol=1e-10, atol=0)
+
+
+def test_curvature_fraction_uses_the_hessian_of_a_random_part_of_each_batch():
+    # Against an independent computation: the dense Hessian of the loss on the chosen rows, by
+    # torch.autograd.functional.hessian over the flattened backbone, and the mixed term from the
+    # whole batch: hypergradient = -(d2 L_T / dW dphi)^T H_sub^-1 v.
+    from torch.func import functional_call
+
+    step = _Step()
+    w = step.weighting(auxnet="linear", method="exact", mixed="vjp", curvature_fraction=0.5)
+    got = step.hypergradient(w)
+    index = w.curvature_index
+    assert [len(i) for i in index.values()] == [6, 8]  # ceil(0.5 n) rows of each group
+    assert all(len(set(i.tolist())) == len(i) for i in index.values())
+    assert index[("main", "parity")].tolist() != list(range(6))  # random rows, not the first ones
+
+    backbone = step.model.backbone
+    names = [n for n, p in backbone.named_parameters()]
+    shapes = [p.shape for p in backbone.parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in backbone.parameters()])
+
+    def unflatten(flat):
+        return dict(zip(names, [c.reshape(s) for c, s in zip(flat.split([s.numel() for s in shapes]), shapes)]))
+
+    def loss_on(flat, rows):
+        buffers = {n: b.clone() for n, b in backbone.named_buffers()}
+        outputs = {}
+        for group, x_key in ((("main", "parity"), "a"), (("rotation",), "b")):
+            x = step.x[x_key] if rows is None else step.x[x_key][rows[group]]
+            z = functional_call(backbone, {**unflatten(flat), **buffers}, (x,))
+            outputs.update({t: step.model.heads[t](z) for t in group})
+        targets = step.targets if rows is None else {t: step.targets[t][rows[g]] for g in rows for t in g}
+        return w.auxnet(w.loss_matrix(step.from_outputs(outputs, targets)))
+
+    hessian = torch.autograd.functional.hessian(lambda f: loss_on(f, index), flat0)
+    flat = flat0.clone().requires_grad_()
+    out = functional_call(backbone, {**unflatten(flat), **{n: b.clone() for n, b in backbone.named_buffers()}}, (step.x_aux,))
+    v = torch.autograd.grad(torch.nn.functional.cross_entropy(step.model.heads["main"](out), step.y_aux), flat)[0]
+    p = torch.linalg.solve(hessian, v)
+    phi = list(w.auxnet.parameters())
+    g = torch.autograd.grad(loss_on(flat, None), flat, create_graph=True)[0]
+    expected = -torch.cat([t.reshape(-1) for t in torch.autograd.grad(g @ p, phi)])
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-6
+    # and the whole batch's curvature gives another answer
+    whole = step.hypergradient(step.weighting(auxnet="linear", method="exact", mixed="vjp"))
+    assert ((whole - expected).norm() / expected.norm()).item() > 1e-3
+
+
+def test_curvature_subsets_are_drawn_afresh_each_outer_step_and_repeat_for_a_seed():
+    step = _Step()
+    w1, w2 = (step.weighting(curvature_fraction=0.25) for _ in range(2))
+    rows = []
+    for w in (w1, w2):
+        w._curvature_subset(step.ctx, step.losses())
+        first = {k: v.clone() for k, v in w.curvature_index.items()}
+        w.outer_steps += 1
+        w._curvature_subset(step.ctx, step.losses())
+        rows.append((first, w.curvature_index))
+    assert all(torch.equal(rows[0][0][k], rows[1][0][k]) for k in rows[0][0])  # same seed: same rows
+    assert any(not torch.equal(rows[0][0][k], rows[0][1][k]) for k in rows[0][0])  # next step: others

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from auxframe import hypergrad
@@ -598,3 +599,57 @@ def test_torch_double_backward_messages_are_translated(message, operation):
     with pytest.raises(RuntimeError, match="unrelated"):  # other errors pass through untouched
         with hypergrad._explain_double_backward("hint"):
             raise RuntimeError("unrelated: shapes do not match")
+
+
+# ---------------------------------------------------------------------------------------------
+# The curvature of another loss (a sub-batch) and a caller-supplied directional derivative
+
+
+def _directional_by_forward_mode(ridge, W, phi):
+    """``p -> <grad_W L_T, p>`` by forward-mode AD of the training loss along p (graph to phi)."""
+    def directional(p):
+        with fwAD.dual_level():
+            loss = ridge.train_loss(fwAD.make_dual(W.detach(), p[0]), phi)
+            return fwAD.unpack_dual(loss).tangent
+    return directional
+
+
+@pytest.mark.parametrize("method", ["exact", "cg"])
+def test_directional_mixed_term_matches_closed_form(ridge, method):
+    W, phi, train, outer = ridge.at_optimum()
+    result = hypergradient(train, outer, [W], [phi], method=method, mixed="directional",
+                           directional=_directional_by_forward_mode(ridge, W, phi))
+    assert rel_err(result.grads[0], ridge.analytic_hypergradient()) <= 1e-4
+
+
+def test_hessian_loss_sets_the_curvature(ridge):
+    # Curvature from another quadratic (the training loss with other weights phi2): the result is
+    # -(d2 L_T / dW dphi)^T H2^-1 v with H2 = 2 A(phi2), by hand.
+    W, phi, train, outer = ridge.at_optimum()
+    phi2 = torch.tensor([0.2, 2.5], dtype=DT)
+    curvature = ridge.train_loss(W, phi2)
+    v = torch.autograd.grad(outer, W, retain_graph=True)[0]
+    p = torch.linalg.solve(2 * ridge.normal_equations(phi2)[0], v)
+    mixed = torch.stack([2 * X.T @ (X @ W.detach() - y) / len(X) for X, y in ridge.aux])
+    expected = -(mixed @ p)
+    for train_loss, mixed_mode, extra in [
+        (train, "vjp", {}),
+        (None, "directional", {"directional": _directional_by_forward_mode(ridge, W, phi)}),
+    ]:
+        result = hypergradient(train_loss, outer, [W], [phi], method="exact", hessian_loss=curvature,
+                               mixed=mixed_mode, **extra)
+        assert rel_err(result.grads[0], expected) <= 1e-8
+    # and it differs from the training loss's own curvature
+    assert rel_err(ridge.analytic_hypergradient(), expected) > 1e-2
+
+
+def test_directional_arguments_go_together(ridge):
+    W, phi, train, outer = ridge.at_optimum()
+    with pytest.raises(HypergradError, match="mixed='directional' and directional= go together"):
+        hypergradient(train, outer, [W], [phi], mixed="directional")
+    with pytest.raises(HypergradError, match="go together"):
+        hypergradient(train, outer, [W], [phi], mixed="vjp", directional=lambda p: p[0].sum())
+    with pytest.raises(HypergradError, match="train_loss must be a scalar tensor"):
+        # without hessian_loss the curvature is train_loss's: it is needed
+        hypergradient(None, outer, [W], [phi], mixed="directional",
+                      directional=_directional_by_forward_mode(ridge, W, phi))

@@ -33,9 +33,11 @@ Example (gin)::
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Mapping
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 
 from auxframe import distributed, hypergrad
@@ -44,6 +46,7 @@ from auxframe.weighting.base import StepContext, TaskLosses, Weighting, Weightin
 
 _INNER = ("shared", "all")
 _BN_MODES = ("train", "eval")
+_MIXED = ("auto", "forward", "vjp", "jacobian")
 
 
 class AuxiLearn(Weighting):
@@ -68,10 +71,25 @@ class AuxiLearn(Weighting):
         outer_bn_mode: BatchNorm mode during the outer step, ``'train'`` (batch statistics) or
             ``'eval'`` (running statistics); either way the running statistics are left as they were.
         alpha_refresh: re-estimate ``alpha='auto'`` every this many outer steps (0: only once).
-        mixed: how the mixed term is computed: ``'vjp'`` (one backward through the gradient graph)
-            or ``'jacobian'`` (one first-order backward per element of phi; with
-            ``method='first_order'`` it needs no double backward through the model, for models
-            with operations that lack it).
+        mixed: how the mixed term ``(d2 L_T / dW dphi)^T p`` is computed: ``'forward'`` (one
+            forward-mode pass of the model along ``p`` gives the directional derivative of every
+            per-sample loss, then a backward through the auxiliary network only), ``'vjp'`` (one
+            backward through the gradient graph of the training loss), ``'jacobian'`` (one
+            first-order backward per element of phi; with ``method='first_order'`` it needs no
+            double backward through the model, for models with operations that lack it), or
+            ``'auto'`` (default): ``'forward'`` where it applies - no label generators (their
+            labels depend on phi), no active dropout (a second pass would draw other masks) -
+            else ``'vjp'``; an operation without forward-mode support switches to ``'vjp'`` with
+            a warning.
+        curvature_fraction: the part of each training batch, in ``(0, 1]``, that the curvature
+            products (and ``alpha='auto'``'s power iteration) run on: a random subset drawn
+            afresh at every outer step (seeded, so runs repeat and resume exactly). Each
+            Hessian-vector product costs in proportion to the examples it runs through, and
+            they are most of an outer step; the gradient ``grad_W L_A`` and the mixed term still
+            use whole batches. 1.0 (default) uses the whole batch, as the reference code does.
+            A curvature mini-batch smaller than the gradient mini-batch is the practice of
+            Hessian-free optimisation (Martens 2010; Byrd et al. 2011); ``bench/auxilearn_cost.py``
+            measures what it saves and how far the hypergradient moves.
         learn_auxnet: learn the auxiliary network's parameters; False keeps them at their
             initial values (the linear net: weight 1 on every task) and learns only the label
             generators of generated-label tasks.
@@ -95,9 +113,10 @@ class AuxiLearn(Weighting):
         inner_params: str = "shared",
         outer_bn_mode: str = "train",
         alpha_refresh: int = 0,
-        mixed: str = "vjp",
+        mixed: str = "auto",
         learn_auxnet: bool = True,
         generator_lr: float | None = None,
+        curvature_fraction: float = 1.0,
     ):
         _check_choice("inner_params", inner_params, _INNER)
         _check_choice("outer_bn_mode", outer_bn_mode, _BN_MODES)
@@ -116,8 +135,21 @@ class AuxiLearn(Weighting):
         self.alpha_setting, self.scale_by_alpha = alpha, scale_by_alpha
         self.grad_clip, self.inner_params = grad_clip, inner_params
         self.outer_bn_mode, self.alpha_refresh = outer_bn_mode, alpha_refresh
-        _check_choice("mixed", mixed, ("vjp", "jacobian"))
-        self.mixed = mixed
+        _check_choice("mixed", mixed, _MIXED)
+        if isinstance(curvature_fraction, bool) or not (
+            isinstance(curvature_fraction, (int, float)) and 0 < curvature_fraction <= 1
+        ):
+            raise ConfigError(
+                f"weightings.auxilearn.curvature_fraction must be a number in (0, 1] (the part of each "
+                f"training batch the Hessian-vector products use), got {curvature_fraction!r}."
+            )
+        if curvature_fraction < 1 and method in ("first_order",):
+            raise ConfigError(
+                "weightings.auxilearn.curvature_fraction < 1 has no effect with method='first_order' "
+                "(no curvature products); leave it at 1.0."
+            )
+        self.mixed, self.curvature_fraction = mixed, float(curvature_fraction)
+        self._forward_mixed_failed = False
         self.learn_auxnet, self.generator_lr = bool(learn_auxnet), generator_lr
 
     # -- setup -----------------------------------------------------------------------------------
@@ -199,25 +231,14 @@ class AuxiLearn(Weighting):
         """One step of phi along the hypergradient of the auxiliary-set main loss."""
         bn_modes = _set_batchnorm_mode(ctx.model, self.outer_bn_mode == "train")
         try:
-            train_losses = ctx.train_losses()
-            matrix = self.loss_matrix(train_losses)
-            train_loss = self.auxnet(matrix)
+            # With the forward-mode mixed term and the curvature on a sub-batch, nothing is
+            # differentiated through the whole training batch's forward pass: run it without a graph.
+            light = self.curvature_fraction < 1 and self._mixed_mode(ctx) == "forward"
+            with torch.set_grad_enabled(not light):
+                train_losses = ctx.train_losses()
             outer_loss = sum(ctx.aux_set_losses().mean(self.main_task) for _ in range(self.aux_batches)) / self.aux_batches
             outer_loss = outer_loss + self._generator_regularizers(train_losses)
-            inner = self._inner_parameters(ctx)
-            curvature = self._curvature_args(train_losses)
-            if self._alpha_due():
-                top = hypergrad.top_eigenvalue(train_loss, inner, seed=self.outer_steps, reduce=_reduce(), **curvature)
-                # Power iteration finds the eigenvalue of largest magnitude; bounding alpha by it keeps
-                # alpha * lambda < 2 for every positive eigenvalue (negative ones diverge regardless).
-                self.alpha = hypergrad.safe_alpha(abs(top) if top != 0 else 1.0)
-                self._logs["auxilearn/top_eigenvalue"] = top
-            result = hypergrad.hypergradient(
-                train_loss, outer_loss, inner, self.outer_params,
-                method=self.method, neumann_terms=self.neumann_terms,
-                alpha=self.alpha if self.alpha is not None else 1.0,  # (unused by cg / exact)
-                scale_by_alpha=self.scale_by_alpha, mixed=self.mixed, reduce=_reduce(), **curvature,
-            )
+            result, matrix = self.hypergradient(ctx, train_losses, outer_loss)
         finally:
             _restore_batchnorm_mode(bn_modes)
         phi = self.outer_params
@@ -238,6 +259,133 @@ class AuxiLearn(Weighting):
         })
         for task, source in self.generators.items():
             self._logs.update({f"labelgen/{task}/{k}": v for k, v in source.statistics().items()})
+
+    def hypergradient(
+        self, ctx: StepContext, train_losses: TaskLosses, outer_loss: torch.Tensor
+    ) -> tuple[hypergrad.HypergradResult, torch.Tensor]:
+        """The hypergradient of ``outer_loss`` w.r.t. phi at the current W, without stepping.
+
+        ``train_losses`` are a training batch's losses (``ctx.train_losses()``); the BatchNorm
+        mode is the caller's. Updates alpha when ``alpha='auto'`` is due. Returns the result and
+        the batch's loss matrix (for the effective weights).
+        """
+        matrix = self.loss_matrix(train_losses)
+        train_loss = self.auxnet(matrix)
+        inner = self._inner_parameters(ctx)
+        curvature_losses, hessian_loss = train_losses, None
+        if self.curvature_fraction < 1:
+            curvature_losses = self._curvature_subset(ctx, train_losses)
+            hessian_loss = self.auxnet(self.loss_matrix(curvature_losses))
+        curvature = self._curvature_args(curvature_losses)
+        if self._alpha_due():
+            top = hypergrad.top_eigenvalue(
+                train_loss if hessian_loss is None else hessian_loss, inner, seed=self.outer_steps,
+                reduce=_reduce(), **curvature,
+            )
+            # Power iteration finds the eigenvalue of largest magnitude; bounding alpha by it keeps
+            # alpha * lambda < 2 for every positive eigenvalue (negative ones diverge regardless).
+            self.alpha = hypergrad.safe_alpha(abs(top) if top != 0 else 1.0)
+            self._logs["auxilearn/top_eigenvalue"] = top
+        mixed = self._mixed_mode(ctx, train_losses)
+        if mixed != "forward" and not train_loss.requires_grad:  # a light outer step that cannot go on
+            train_losses = ctx.train_losses()  # (a fresh batch, with its graph this time)
+            matrix = self.loss_matrix(train_losses)
+            train_loss = self.auxnet(matrix)
+        options = dict(
+            method=self.method, neumann_terms=self.neumann_terms,
+            alpha=self.alpha if self.alpha is not None else 1.0,  # (unused by cg / exact)
+            scale_by_alpha=self.scale_by_alpha, reduce=_reduce(), hessian_loss=hessian_loss, **curvature,
+        )
+        if mixed == "forward":
+            try:
+                directional = self._directional(ctx, train_losses, matrix, inner)
+                result = hypergrad.hypergradient(train_loss, outer_loss, inner, self.outer_params,
+                                                 mixed="directional", directional=directional, **options)
+                return result, matrix
+            except _ForwardModeUnsupported as error:
+                self._forward_mixed_failed = True
+                warnings.warn(
+                    f"AuxiLearn: the forward-mode mixed term failed ({error}); using mixed='vjp' (a backward "
+                    f"through the gradient graph) from now on. Set weightings.auxilearn.mixed = 'vjp' to "
+                    f"silence this.", RuntimeWarning, stacklevel=2,
+                )
+                mixed = "vjp"
+                if not train_loss.requires_grad:
+                    train_losses = ctx.train_losses()
+                    matrix = self.loss_matrix(train_losses)
+                    train_loss = self.auxnet(matrix)
+        result = hypergrad.hypergradient(train_loss, outer_loss, inner, self.outer_params, mixed=mixed, **options)
+        return result, matrix
+
+    # -- the mixed term in forward mode ----------------------------------------------------------
+    def _mixed_mode(self, ctx: StepContext, losses: TaskLosses | None = None) -> str:
+        """The mixed term's computation for this outer step (``mixed='auto'`` resolved; without
+        ``losses``, as far as it can be told before the training batch is drawn)."""
+        if self.mixed != "auto":
+            return self.mixed
+        model = _unwrap(ctx.model)
+        usable = (
+            not self._forward_mixed_failed
+            and not self.generators
+            and (losses is None or (losses.from_outputs is not None and all(t in losses.inputs for t in losses.names)))
+            and not any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training
+                        for m in model.modules())
+        )
+        return "forward" if usable else "vjp"
+
+    def _directional(self, ctx: StepContext, losses: TaskLosses, matrix: torch.Tensor, inner: list[nn.Parameter]):
+        """``p -> <grad_W L_T, p>`` as a function of phi: ``<dg/dM (M), dM>``, with ``dM`` the
+        directional derivative of the loss matrix ``M`` along ``p`` from one forward-mode pass of
+        the model (``M`` does not depend on phi, so only ``dg/dM`` carries phi's graph)."""
+        model = _unwrap(ctx.model)
+        names = {id(p): n for n, p in model.named_parameters()}
+        detached = matrix.detach().requires_grad_()
+        (slope,) = torch.autograd.grad(self.auxnet(detached), detached, create_graph=True)
+
+        def directional(p: list[torch.Tensor]) -> torch.Tensor:
+            # Copies of the buffers: the re-run must not move BatchNorm's running statistics.
+            state = {n: b.clone() for n, b in model.named_buffers()}
+            state.update({n: q.detach() for n, q in model.named_parameters()})
+            try:
+                with torch.no_grad(), fwAD.dual_level():
+                    for param, tangent in zip(inner, p):
+                        state[names[id(param)]] = fwAD.make_dual(param.detach(), tangent.to(param.dtype))
+                    outputs: dict[str, torch.Tensor] = {}
+                    for group in _groups_of(losses):
+                        x = losses.inputs[group[0]]
+                        outputs.update(torch.func.functional_call(model, state, (x,), {"tasks": list(group)}))
+                    tangent = fwAD.unpack_dual(self.loss_matrix(losses.from_outputs(outputs))).tangent
+            except (RuntimeError, NotImplementedError) as error:
+                raise _ForwardModeUnsupported(str(error).splitlines()[0]) from error
+            if tangent is None:  # the losses do not depend on W along p
+                tangent = torch.zeros_like(matrix)
+            return (slope * tangent.to(slope.dtype)).sum()
+
+        return directional
+
+    # -- the curvature mini-batch ----------------------------------------------------------------
+    def _curvature_subset(self, ctx: StepContext, losses: TaskLosses) -> TaskLosses:
+        """The training losses on a random ``curvature_fraction`` of each group's batch (the same
+        inputs and targets, re-run through the model), for the Hessian-vector products."""
+        if losses.from_outputs is None or not all(t in losses.inputs and t in losses.targets for t in losses.names):
+            raise ConfigError(
+                "weightings.auxilearn.curvature_fraction < 1 re-runs part of the training batch, but this "
+                "trainer's losses carry no inputs/targets; set curvature_fraction = 1.0."
+            )
+        model = _unwrap(ctx.model)
+        generator = torch.Generator().manual_seed(7_919 * (self.outer_steps + 1))
+        outputs: dict[str, torch.Tensor] = {}
+        targets: dict[str, torch.Tensor] = {}
+        self.curvature_index: dict[tuple[str, ...], torch.Tensor] = {}  # the rows used, per group
+        for group in _groups_of(losses):
+            x = losses.inputs[group[0]]
+            n = x.shape[0]
+            keep = max(1, math.ceil(self.curvature_fraction * n))
+            index = torch.randperm(n, generator=generator)[:keep].sort().values.to(x.device)
+            self.curvature_index[group] = index
+            outputs.update(model(x[index], tasks=list(group)))
+            targets.update({t: losses.targets[t][index] for t in group})
+        return losses.from_outputs(outputs, targets)
 
     def _generator_regularizers(self, losses: TaskLosses) -> torch.Tensor | float:
         """The label generators' own outer-loss terms on this batch, logged as ``labelgen/<task>/regularizer``."""
@@ -304,6 +452,22 @@ class AuxiLearn(Weighting):
         self.outer_steps = int(state["outer_steps"])
         self._weights = dict(state["weights"])
         self._logs = dict(state["logs"])
+
+
+class _ForwardModeUnsupported(RuntimeError):
+    """An operation in the model or a loss has no forward-mode derivative."""
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
+
+
+def _groups_of(losses: TaskLosses) -> list[tuple[str, ...]]:
+    """The step's batch groups that hold computed tasks (tasks that share one input batch)."""
+    groups = [tuple(t for t in g if t in losses.values) for g in losses.groups]
+    groups = [g for g in groups if g]
+    covered = {t for g in groups for t in g}
+    return groups + [(t,) for t in losses.names if t not in covered]
 
 
 def _reduce():

@@ -40,8 +40,8 @@ class TaskLosses:
             losses line up (see :meth:`per_sample`).
         outputs: the heads' outputs these losses were computed from (task name -> tensor), when
             the trainer provides them (curvature methods that work in output space use them).
-        from_outputs: recomputes the losses from other outputs with the same targets, as
-            ``from_outputs({task: output}) -> TaskLosses``.
+        from_outputs: recomputes the losses from other outputs, with the same targets or others
+            (a subset of the batch), as ``from_outputs({task: output}, targets=None) -> TaskLosses``.
         features: task -> the shared representation its head read (the backbone's output, one
             view per task, so that gradients w.r.t. it come out per task in one backward pass).
         inputs: task -> the input batch of its group (after any signal), for methods that
