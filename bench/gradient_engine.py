@@ -9,8 +9,10 @@ Sections:
 
 1. **Per-task gradients**, for K = 1, 5, 10, 39:
    * ``plain``: forward + backward of the summed loss + SGD step (one ordinary training step);
-   * ``param batched``: forward + the (K+1) x P Jacobian by one vmapped backward
-     (``is_grads_batched``) + its Gramian;
+   * ``param batched``: forward + the (K+1) x P Jacobian by one batched reverse pass with the
+     tasks folded into the batch (:mod:`auxframe.weighting.batched_backward`; on a CPU 4 tasks
+     per pass) + its Gramian;
+   * ``param vmap``: the same with one vmapped backward (``is_grads_batched``) instead;
    * ``param loop``: forward + one backward per task + Gramian;
    * ``repr step``: a whole training step that uses representation-space gradients: forward, the
      Gramian of dL_k/dz (one heads-only backward), then the update ``sum_k c_k g_k`` by
@@ -37,6 +39,7 @@ import argparse
 import platform
 import statistics
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -79,7 +82,7 @@ class Setting:
         sum(losses.mean(n) for n in self.names).backward()
         self.opt.step()
 
-    def param_jacobian(self, batched: bool) -> torch.Tensor:
+    def param_jacobian(self, batched: bool | str) -> torch.Tensor:
         losses, ctx = self.losses()
         return TaskGradients(losses, ctx, batched=batched).gramian(self.names)
 
@@ -149,17 +152,21 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads)")
 
     print("\n## 1. per-task gradients (ms per call, medians; ratios of medians)")
-    print(f"{'K':>3} {'plain':>8} {'param batched':>14} {'param loop':>11} {'repr step':>10} "
-          f"{'batched/loop':>13} {'repr/plain':>11}")
+    print(f"{'K':>3} {'plain':>8} {'param batched':>14} {'param vmap':>11} {'param loop':>11} {'repr step':>10} "
+          f"{'batched/loop':>13} {'vmap/loop':>10} {'repr/plain':>11}")
     gpu_goal = 0.5 if device.type == "cuda" else 1.0
     for k in [int(x) for x in args.ks.split(",")]:
         s = Setting(k, device)
-        torch.testing.assert_close(s.param_jacobian(True), s.param_jacobian(False), rtol=1e-3, atol=1e-5)
-        t = race({"plain": s.plain, "batched": lambda: s.param_jacobian(True),
+        with warnings.catch_warnings():  # a fallback to the loop would make the comparison moot
+            warnings.simplefilter("error", RuntimeWarning)
+            loop = s.param_jacobian(False)
+            torch.testing.assert_close(s.param_jacobian(True), loop, rtol=1e-3, atol=1e-5)
+            torch.testing.assert_close(s.param_jacobian("vmap"), loop, rtol=1e-3, atol=1e-5)
+        t = race({"plain": s.plain, "batched": lambda: s.param_jacobian(True), "vmap": lambda: s.param_jacobian("vmap"),
                   "loop": lambda: s.param_jacobian(False), "repr": s.repr_step}, args.rounds, args.calls, sync)
-        bl, rp = t["batched"] / t["loop"], t["repr"] / t["plain"]
-        print(f"{k:>3} {1e3 * t['plain']:>8.2f} {1e3 * t['batched']:>14.2f} {1e3 * t['loop']:>11.2f} "
-              f"{1e3 * t['repr']:>10.2f} {bl:>13.2f} {rp:>11.2f}")
+        bl, vl, rp = t["batched"] / t["loop"], t["vmap"] / t["loop"], t["repr"] / t["plain"]
+        print(f"{k:>3} {1e3 * t['plain']:>8.2f} {1e3 * t['batched']:>14.2f} {1e3 * t['vmap']:>11.2f} "
+              f"{1e3 * t['loop']:>11.2f} {1e3 * t['repr']:>10.2f} {bl:>13.2f} {vl:>10.2f} {rp:>11.2f}")
         if k == 39:
             print(f"    K=39 goals: repr step/plain {rp:.2f} <= 1.5 {verdict(rp, 1.5)}; "
                   f"batched/loop {bl:.2f} <= {gpu_goal} {verdict(bl, gpu_goal)}")

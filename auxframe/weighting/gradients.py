@@ -20,9 +20,14 @@ How each quantity is computed:
 
 * Gramian: the Jacobian ``J`` (tasks x parameters), then ``J @ J.T``. The heads are traversed
   once for all tasks (the representation gradients above); only the backbone part
-  ``(dz/dW)^T dL_k/dz`` is per task: one *batched* backward (``is_grads_batched=True``, a vmap
-  over the backward) on GPUs, one backward per task on CPUs (faster there; see
-  bench/gradient_engine.py). In representation space the heads-only backward gives ``J`` directly.
+  ``(dz/dW)^T dL_k/dz`` is per task: on GPUs one *batched* reverse pass over the graph the
+  forward pass recorded, with the tasks folded into the batch dimension (each convolution,
+  BatchNorm, pooling ... node once at batch ``K * B``; :mod:`auxframe.weighting.batched_backward`),
+  on CPUs one backward per task (faster there; see bench/gradient_engine.py). A backbone with an
+  operation the batched pass has no rule for gets the loop, with one warning naming the
+  operation. In representation space the heads-only backward gives ``J`` directly; without
+  recorded representations (or in ``'last_shared'`` space) the Jacobian comes from the losses by
+  one backward per task, or a vmapped backward (``is_grads_batched``) when batched.
 * ``d = sum_k c_k g_k`` with ``<g_j, d>`` for all j (ARML, OL_AUX): one backbone backward with a
   graph gives d, one more pass through that graph gives every inner product - less work than
   the reference code's double backward through the whole model, at any K.
@@ -42,6 +47,7 @@ Under ``torchrun`` every gradient-derived quantity is averaged over the ranks (s
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Mapping, Sequence
 
 import torch
@@ -51,9 +57,18 @@ import torch.nn as nn
 from auxframe import distributed
 from auxframe.errors import ConfigError
 from auxframe.weighting.base import StepContext, TaskLosses
+from auxframe.weighting.batched_backward import Unsupported, batched_vjp
 
 SPACES = ("shared", "last_shared", "representation")
 JVP_MODES = ("forward", "reverse")
+BATCHED = ("auto", True, False, "vmap")
+# What batched='auto' means per device type (bench/gradient_engine.py; see TaskGradients).
+AUTO_BATCHED: dict[str, bool | str] = {"cpu": False, "cuda": True}
+AUTO_MIN_ROWS = 3  # 'auto' loops over groups of fewer tasks (H200: folded / loop 1.1 at 2 tasks)
+# Rows per folded pass: on CPUs 4 keep the gradients in the cache (K = 39: 1.03 of the loop, all 39 at once 1.45).
+FOLD_CHUNK: dict[str, int] = {"cpu": 4}
+# backbone -> {training: reason}: backbones whose graph has a node without a batched rule.
+_FOLD_UNSUPPORTED: "weakref.WeakKeyDictionary[nn.Module, dict[bool, str]]" = weakref.WeakKeyDictionary()
 
 
 def check_space(space: str, method: str) -> str:
@@ -92,9 +107,15 @@ class TaskGradients:
         losses: the step's :class:`TaskLosses` (graph alive).
         ctx: the step context (model, shared parameters).
         space: ``'shared'``, ``'last_shared'`` or ``'representation'`` (see the module docs).
-        batched: Jacobian by one vmapped backward (True) or one backward per task (False);
-            ``'auto'`` (default): batched on GPUs, the loop on CPUs, where bench/gradient_engine.py
-            measures the vmapped backward 1.1-1.7x slower than the loop.
+        batched: the backbone's per-task part of the Jacobian by one reverse pass with the tasks
+            folded into the batch (True), by one vmapped backward (``'vmap'``), or by one
+            backward per task (False). ``'auto'`` (default): folded on GPUs for three or more
+            tasks on a batch, else the loop. bench/gradient_engine.py (small CNN, batch 64),
+            folded / loop at K = 1, 5, 10, 39 auxiliary tasks, three runs: H200 1.07-1.11,
+            0.58-0.81, 0.54-0.62, 0.31-0.39 (vmap / loop 0.99-1.01, 0.72-0.79, 0.65-0.70,
+            0.49-0.59); one CPU thread
+            1.5-2.0 (vmap 1.0-1.1): on a CPU a convolution's backward at batch ``K * B`` is
+            slower than K at batch B, whose activations stay in the cache.
         jvp: ``'forward'`` or ``'reverse'``: how :meth:`inner_products` gets ``J v``.
     """
 
@@ -111,9 +132,13 @@ class TaskGradients:
         if jvp not in JVP_MODES:
             raise ConfigError(f"TaskGradients: jvp must be one of {JVP_MODES}, got {jvp!r}.")
         self.model = _unwrap(ctx.model)
-        if batched == "auto":
-            batched = next(iter(ctx.shared_parameters)).device.type != "cpu"
-        self.batched, self.jvp = bool(batched), jvp
+        if batched not in BATCHED:
+            raise ConfigError(f"TaskGradients: batched must be one of {BATCHED}, got {batched!r}.")
+        device = next(iter(ctx.shared_parameters)).device.type
+        self._auto = batched == "auto"
+        self.batched = {True: "fold", False: None, "vmap": "vmap"}[AUTO_BATCHED.get(device, True)
+                                                                  if self._auto else batched]
+        self.jvp = jvp
         if space == "last_shared":
             self.params = last_shared_layer(self.model.backbone)
         else:
@@ -185,7 +210,7 @@ class TaskGradients:
         if self.space == "shared" and all(t in self.losses.features for t in tasks):
             return self._jacobian_through_representation(tasks)
         means = self.losses.means(list(tasks))
-        if self.batched:
+        if self.batched:  # no representation to start from: the folded pass would meet the heads
             eye = torch.eye(len(tasks), device=means.device, dtype=means.dtype)
             rows = torch.autograd.grad(
                 means, self.params, grad_outputs=eye, is_grads_batched=True, retain_graph=True, allow_unused=True
@@ -210,7 +235,8 @@ class TaskGradients:
         rep = self.representation_gradients()
         rows: dict[str, torch.Tensor] = {}
         for base, group in self._by_base(tasks):
-            grads = self._batched_grad(base, torch.stack([rep[t] for t in group])) if self.batched else None
+            batched = self.batched and not (self._auto and len(group) < AUTO_MIN_ROWS)
+            grads = self._batched_grad(base, torch.stack([rep[t] for t in group])) if batched else None
             if grads is not None:
                 flat = torch.cat([
                     (g if g is not None else torch.zeros((len(group), *p.shape), device=p.device, dtype=p.dtype))
@@ -224,8 +250,21 @@ class TaskGradients:
         return torch.stack([rows[t] for t in tasks])
 
     def _batched_grad(self, output: torch.Tensor, rows: torch.Tensor):
-        """Per-row gradients by one vmapped backward, or None (then the caller loops) where an
-        operation of the model has no batching rule."""
+        """Per-row gradients by one batched reverse pass (``'fold'``: tasks folded into the batch,
+        see :mod:`auxframe.weighting.batched_backward`; ``'vmap'``: a vmapped backward), or None
+        (then the caller loops) where an operation of the backbone has no batched rule."""
+        if self.batched == "fold":
+            backbone = self.model.backbone
+            if _FOLD_UNSUPPORTED.get(backbone, {}).get(backbone.training):
+                return None
+            try:
+                return batched_vjp(output, rows, self.params, chunk=FOLD_CHUNK.get(output.device.type))
+            except Unsupported as err:
+                _FOLD_UNSUPPORTED.setdefault(backbone, {})[backbone.training] = str(err)
+                warnings.warn(f"batched per-task gradients: no batched rule for {err} in "
+                              f"{type(backbone).__name__}; using one backward per task for this backbone",
+                              RuntimeWarning, stacklevel=3)
+                return None
         try:
             return torch.autograd.grad(
                 output, self.params, grad_outputs=rows, is_grads_batched=True, retain_graph=True, allow_unused=True
@@ -233,7 +272,7 @@ class TaskGradients:
         except RuntimeError as err:  # e.g. an op without a vmap rule: fall back to the loop
             warnings.warn(f"batched per-task gradients failed ({str(err).splitlines()[0]}); using one "
                           f"backward per task instead", RuntimeWarning, stacklevel=3)
-            self.batched = False
+            self.batched = None
             return None
 
     def _by_base(self, tasks: Sequence[str]) -> list[tuple[torch.Tensor, list[str]]]:
