@@ -38,7 +38,9 @@ How each quantity is computed:
   already built (exact with dropout, where the forward re-run would draw other masks).
 * Update: :meth:`TaskGradients.backward` writes ``sum_k c_k g_k`` into the shared parameters'
   ``.grad`` and ``sum_k h_k grad_head_k L_k`` into the heads' by one pass through the heads and
-  one through the backbone - the cost of an ordinary backward pass.
+  one through the backbone - the cost of an ordinary backward pass. The heads' pass is the one
+  that gives the representation gradients (each head's gradient of its own loss comes out of it
+  and is kept), so a step that already read the Gramian or inner products pays it once.
 
 Under ``torchrun`` every gradient-derived quantity is averaged over the ranks (see
 :mod:`auxframe.distributed`) so that every rank derives the same weights.
@@ -145,6 +147,7 @@ class TaskGradients:
             self.params = list(ctx.shared_parameters)
         self._jacobians: dict[tuple[str, ...], torch.Tensor] = {}
         self._rep: dict[str, torch.Tensor] | None = None
+        self._head_grads: dict[str, list[torch.Tensor | None]] | None = None
 
     @classmethod
     def of(cls, losses: TaskLosses, ctx: StepContext, space: str = "shared", **options) -> "TaskGradients":
@@ -167,12 +170,19 @@ class TaskGradients:
                     f"space gradients need the trainer's TaskLosses (features recorded per task)."
                 )
             total = sum(self.losses.mean(t) for t in tasks)
-            grads = torch.autograd.grad(
-                total, [self.losses.features[t] for t in tasks], retain_graph=True, allow_unused=True
-            )
+            # The same pass gives each head's gradient of its own loss (a head reads only its task's
+            # loss), kept for backward(), which then needs no second pass through the heads.
+            heads = {t: self.model.head_parameters(t) for t in tasks}
+            head_params = [p for t in tasks for p in heads[t]]
+            if len({id(p) for p in head_params}) < len(head_params):  # heads sharing parameters
+                heads, head_params = {}, []
+            features = [self.losses.features[t] for t in tasks]
+            grads = torch.autograd.grad(total, features + head_params, retain_graph=True, allow_unused=True)
             self._rep = {
                 t: (g if g is not None else torch.zeros_like(self.losses.features[t])) for t, g in zip(tasks, grads)
             }
+            rest = iter(grads[len(tasks):])
+            self._head_grads = {t: [next(rest) for _ in heads[t]] for t in heads} if heads else None
         return self._rep
 
     def _one_batch(self, tasks: Sequence[str]) -> None:
@@ -424,10 +434,23 @@ class TaskGradients:
         tasks = [t for t in self.losses.names if t in shared or (heads and t in heads)]
         heads = {t: 1.0 for t in tasks} if heads is None else heads
         head_total = sum(torch.as_tensor(heads.get(t, 0.0)) * self.losses.mean(t) for t in tasks)
-        head_params = [p for t in tasks for p in self.model.head_parameters(t)]
-        if head_params:
-            torch.autograd.backward(head_total, inputs=head_params, retain_graph=True)
         jac_tasks = self._cached_jacobian_tasks(shared)
+        if self._rep is None and jac_tasks is None and all(t in self.losses.features for t in tasks):
+            self.representation_gradients()  # needed below anyway; gives the heads' gradients too
+        cached = self._head_grads
+        if cached is not None and all(t in cached for t in tasks):
+            # From the representation pass: head k's gradient of L_k, scaled by its weight.
+            for t in tasks:
+                weight = heads.get(t, 0.0)
+                for p, g in zip(self.model.head_parameters(t), cached[t]):
+                    if g is None or (isinstance(weight, (int, float)) and weight == 0):
+                        continue
+                    g = g * torch.as_tensor(weight, dtype=g.dtype, device=g.device)
+                    p.grad = g if p.grad is None else p.grad + g
+        else:
+            head_params = [p for t in tasks for p in self.model.head_parameters(t)]
+            if head_params:
+                torch.autograd.backward(head_total, inputs=head_params, retain_graph=True)
         if jac_tasks is not None:
             jac = self._jacobians[jac_tasks]
             c = torch.stack([torch.as_tensor(shared.get(t, 0.0)).to(jac) for t in jac_tasks])
