@@ -7,6 +7,10 @@
 # Everything it writes goes to $OUT (the results grid as one tar.gz, the logs as text).
 #
 #   bash scripts/gpu_session.sh            # needs OUT set; ~6-8 minutes on one H100/H200
+#
+# What runs can be narrowed by environment variables: METHODS (the protocol's methods), NS (label
+# counts, "5 10"), TUNE (1: tune ARML, GradNorm and OL_AUX first), BENCH_AUXILEARN (the sections of
+# bench/auxilearn_cost.py).
 set -u -o pipefail
 OUT=${OUT:?set OUT to a folder for the results}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -14,7 +18,10 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/device.txt"
 
-METHODS=stl,stl_plus,equal_all,arml,uncertainty,adaloss,dwa,gradnorm,gcs,ol_aux,pcgrad
+METHODS=${METHODS:-stl,stl_plus,equal_all,arml,uncertainty,adaloss,dwa,gradnorm,gcs,ol_aux,pcgrad}
+NS=${NS:-5 10}
+TUNE=${TUNE:-1}
+BENCH_AUXILEARN=${BENCH_AUXILEARN:-ratio,throughput}
 
 # 1. CUDA tests (GPU against CPU for the engine and every weighting; end-to-end tests on the GPU),
 #    beside the results grid: both are light on the GPU.
@@ -26,10 +33,13 @@ TESTS=$!
 # 2. Results grid: tune each method's hyperparameter on validation, then every method, n = 5 and 10,
 #    seeds 0-4. Runs are small: many share the GPU at once.
 {
-  python3 scripts/protocol.py tune --out runs/protocol --param "train.device = 'cuda'" \
-      --methods arml,gradnorm,ol_aux --n 10 --seeds 3 --jobs 14
+  if [ "$TUNE" = 1 ]; then
+    python3 scripts/protocol.py tune --out runs/protocol --param "train.device = 'cuda'" \
+        --methods arml,gradnorm,ol_aux --n 10 --seeds 3 --jobs 14
+  fi
+  # shellcheck disable=SC2086  # NS is a list of numbers
   python3 scripts/protocol.py run --out runs/protocol --param "train.device = 'cuda'" \
-      --methods $METHODS --n 5 10 --seeds 5 --jobs 14
+      --methods "$METHODS" --n $NS --seeds 5 --jobs 14
 } > "$OUT/protocol.txt" 2>&1
 tar czf "$OUT/runs.tar.gz" --exclude='*.pt' --exclude='wandb' runs/protocol
 wait $TESTS
@@ -38,6 +48,6 @@ wait $TESTS
 {
   timeout 120 python3 bench/gradient_engine.py --device cuda --rounds 5 --calls 5
   timeout 120 python3 bench/weighting_throughput.py --device cuda --rounds 3
-  timeout 100 python3 bench/auxilearn_cost.py --device cuda --sections ratio,throughput --time-limit 30
+  timeout 150 python3 bench/auxilearn_cost.py --device cuda --sections "$BENCH_AUXILEARN" --time-limit 25
 } > "$OUT/bench.txt" 2>&1
 echo done
