@@ -25,7 +25,7 @@ def test_engine_on_gpu_equals_cpu():
     _, cpu_losses, cpu_ctx = make_step(seed=3)
     _, gpu_losses, gpu_ctx = make_step(seed=3, device="cuda")
     cpu, gpu = TaskGradients(cpu_losses, cpu_ctx), TaskGradients(gpu_losses, gpu_ctx)
-    assert gpu.batched and not cpu.batched  # 'auto': vmap on the GPU, the loop on the CPU
+    assert gpu.batched == "fold" and not cpu.batched  # 'auto': the folded pass on the GPU, the loop on the CPU
     torch.testing.assert_close(gpu.gramian(TASKS).cpu(), cpu.gramian(TASKS), rtol=1e-3, atol=1e-5)
     c = {"main": 1.0, "a": -0.5, "b": 2.0, "rot": -1.0}
     d_cpu, i_cpu = cpu.gradient_and_inner_products(c, TASKS[1:])
