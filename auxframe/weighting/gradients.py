@@ -432,8 +432,13 @@ class TaskGradients:
             the head-weighted loss, detached (for logging).
         """
         tasks = [t for t in self.losses.names if t in shared or (heads and t in heads)]
+        if not tasks:
+            raise ConfigError(f"TaskGradients.backward: no task of this step in {list(shared)}.")
         heads = {t: 1.0 for t in tasks} if heads is None else heads
-        head_total = sum(torch.as_tensor(heads.get(t, 0.0)) * self.losses.mean(t) for t in tasks)
+        # One vector operation per quantity, not one per task: with many heads on a GPU the
+        # per-task kernels would cost more than the arithmetic.
+        head_w = _coefficients([heads.get(t, 0.0) for t in tasks], self.losses.mean(tasks[0]))
+        head_total = head_w @ self.losses.means(tasks)
         jac_tasks = self._cached_jacobian_tasks(shared)
         if self._rep is None and jac_tasks is None and all(t in self.losses.features for t in tasks):
             self.representation_gradients()  # needed below anyway; gives the heads' gradients too
@@ -442,18 +447,21 @@ class TaskGradients:
             # From the representation pass: head k's gradient of L_k, scaled by its weight.
             for t in tasks:
                 weight = heads.get(t, 0.0)
+                if isinstance(weight, (int, float)) and weight == 0:
+                    continue
                 for p, g in zip(self.model.head_parameters(t), cached[t]):
-                    if g is None or (isinstance(weight, (int, float)) and weight == 0):
+                    if g is None:
                         continue
-                    g = g * torch.as_tensor(weight, dtype=g.dtype, device=g.device)
+                    g = g if isinstance(weight, (int, float)) and weight == 1 else g * weight
                     p.grad = g if p.grad is None else p.grad + g
+            self._head_grads = None  # handed over to .grad (which optimizers may change in place)
         else:
             head_params = [p for t in tasks for p in self.model.head_parameters(t)]
             if head_params:
                 torch.autograd.backward(head_total, inputs=head_params, retain_graph=True)
         if jac_tasks is not None:
             jac = self._jacobians[jac_tasks]
-            c = torch.stack([torch.as_tensor(shared.get(t, 0.0)).to(jac) for t in jac_tasks])
+            c = _coefficients([shared.get(t, 0.0) for t in jac_tasks], jac)
             flat = c @ jac  # already averaged over ranks, like the Jacobian
             offset = 0
             for p in self.params:
@@ -462,17 +470,12 @@ class TaskGradients:
                 offset += p.numel()
             return head_total.detach()
         rep = self.representation_gradients()
-        by_base: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for t in tasks:
-            c = shared.get(t, 0.0)
-            base = self._base(t)
-            contribution = torch.as_tensor(c, dtype=rep[t].dtype, device=rep[t].device) * rep[t]
-            if id(base) in by_base:
-                by_base[id(base)] = (base, by_base[id(base)][1] + contribution)
-            else:
-                by_base[id(base)] = (base, contribution)
-        bases = [b for b, _ in by_base.values()]
-        grads = [g for _, g in by_base.values()]
+        bases, grads = [], []
+        for base, group in self._by_base(tasks):
+            c = _coefficients([shared.get(t, 0.0) for t in group], rep[group[0]])
+            stacked = torch.stack([rep[t] for t in group])
+            bases.append(base)
+            grads.append(torch.tensordot(c, stacked, dims=1))
         torch.autograd.backward(bases, grad_tensors=grads, inputs=list(self.ctx.shared_parameters))
         return head_total.detach()
 
@@ -485,6 +488,14 @@ class TaskGradients:
             if key and key[0] != "gramian" and needed <= set(key):
                 return key
         return None
+
+
+def _coefficients(values: Sequence[float | torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Per-task coefficients (numbers or 0-dim tensors) as one vector on ``like``'s device and dtype,
+    made by one copy (numbers) or one stack (tensors), not one transfer per task."""
+    if all(isinstance(v, (int, float)) for v in values):
+        return torch.tensor(values, dtype=like.dtype, device=like.device)
+    return torch.stack([torch.as_tensor(v).to(like).reshape(()) for v in values])
 
 
 def _flat(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]) -> torch.Tensor:
