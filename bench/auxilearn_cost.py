@@ -91,7 +91,8 @@ def build_trainer(args, device: torch.device, weighting=None) -> Trainer:
 
 def make_auxilearn(args, inner_params: str = "shared", **options) -> AuxiLearn:
     alpha = args.alpha if args.alpha == "auto" else float(args.alpha)
-    options = {"mixed": args.mixed, "curvature_fraction": args.curvature_fraction, **options}
+    options = {"mixed": args.mixed, "curvature_fraction": args.curvature_fraction, "curvature": args.curvature,
+               **options}
     return AuxiLearn(auxnet="linear", outer_every=args.outer_every, neumann_terms=3, alpha=alpha,
                      inner_params=inner_params, **options)
 
@@ -715,6 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--mixed", default="auto", help="AuxiLearn mixed: auto (default), forward, vjp, jacobian")
+    p.add_argument("--curvature", default="hessian", help="AuxiLearn curvature: hessian (default) or gauss_newton")
     p.add_argument("--curvature-fraction", type=float, default=1.0,
                    help="AuxiLearn curvature_fraction for every section but 6 (default 1.0)")
     args = p.parse_args(argv)
@@ -741,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     n_shared = sum(q.numel() for q in tr.ctx.shared_parameters)
     print(f"  quickstart: small_cnn 32-64-64, {n_params:,} parameters ({n_shared:,} shared); batch groups "
           f"{', '.join(g.key for g in tr.groups)}; AuxiLearn linear auxnet, outer_every {args.outer_every}, "
-          f"alpha {args.alpha}, Neumann, curvature hessian, outer_bn_mode train, mixed {args.mixed}, "
+          f"alpha {args.alpha}, Neumann, curvature {args.curvature}, outer_bn_mode train, mixed {args.mixed}, "
           f"curvature_fraction {args.curvature_fraction:g}")
     first = {W: warm_up(t, args.warmup, sync) for W, t in trainers.items()}
     print("  warm-up (untimed): per trainer {} inner steps, then the first outer step, which for alpha='auto' "

@@ -60,6 +60,11 @@ METHODS: dict[str, Method] = {
                                           f"gin_configs/experiments/digits_auxilearn_{net}.gin", "rotation, parity, ge5",
                                           (f"weightings.auxilearn.curvature_fraction = {pct / 100}",))
        for net in ("linear", "nonlinear") for pct in (100, 50, 25)},
+    # ... and with Gauss-Newton curvature (weightings.auxilearn.curvature = 'gauss_newton').
+    **{f"auxilearn_{net}_gn": Method(f"AuxiLearn ({net}, Gauss-Newton)",
+                                     f"gin_configs/experiments/digits_auxilearn_{net}.gin", "rotation, parity, ge5",
+                                     ("weightings.auxilearn.curvature = 'gauss_newton'",))
+       for net in ("linear", "nonlinear")},
     "s4l_equal": Method("Equal", "gin_configs/experiments/digits_s4l_arml.gin", "rotation, exemplar",
                         ("train.weighting = @weightings.equal()",)),
     "s4l_arml": Method("ARML", "gin_configs/experiments/digits_s4l_arml.gin", "rotation, exemplar"),

@@ -300,7 +300,7 @@ def test_forward_mode_mixed_term_equals_the_backward_one(auxnet):
 def test_an_op_without_forward_mode_falls_back_to_the_backward_mixed_term():
     step = _Step(no_forward_ad=True)
     w = step.weighting(auxnet="linear")
-    with pytest.warns(RuntimeWarning, match="forward-mode mixed term failed"):
+    with pytest.warns(RuntimeWarning, match="forward-mode pass through the model failed"):
         fallback = step.hypergradient(w)
     assert w._mixed_mode(step.ctx, step.losses()) == "vjp"  # from then on
     expected = step.hypergradient(step.weighting(auxnet="linear", mixed="vjp"))
@@ -365,3 +365,15 @@ def test_curvature_subsets_are_drawn_afresh_each_outer_step_and_repeat_for_a_see
         rows.append((first, w.curvature_index))
     assert all(torch.equal(rows[0][0][k], rows[1][0][k]) for k in rows[0][0])  # same seed: same rows
     assert any(not torch.equal(rows[0][0][k], rows[0][1][k]) for k in rows[0][0])  # next step: others
+
+
+def test_gauss_newton_products_by_forward_mode_equal_the_double_vjp_ones():
+    step = _Step()
+    fast = step.hypergradient(step.weighting(auxnet="nonlinear", curvature="gauss_newton"))
+    w = step.weighting(auxnet="nonlinear", curvature="gauss_newton")
+    assert "output_jvp" in w._curvature_args(step.losses(), step.ctx, w._inner_parameters(step.ctx), True)
+    w._forward_mode_failed = True  # what a model without forward-mode support gets
+    assert "output_jvp" not in w._curvature_args(step.losses(), step.ctx, w._inner_parameters(step.ctx), True)
+    slow = step.hypergradient(w)
+    assert slow.norm() > 1e-6
+    assert ((fast - slow).norm() / slow.norm()).item() < 1e-8

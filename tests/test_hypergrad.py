@@ -353,6 +353,37 @@ def test_gauss_newton_is_psd_and_equals_dense_jthj():
     assert estimate == pytest.approx(torch.linalg.eigvalsh(G).max().item(), rel=1e-4)
 
 
+def test_gauss_newton_with_a_forward_mode_jvp_equals_dense_jthj():
+    params, forward, ce, *_ = _mlp_classifier(seed=3)
+    sizes = [p.numel() for p in params]
+    unflat = lambda th: [t.reshape(p.shape) for t, p in zip(th.split(sizes), params)]  # noqa: E731
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    logits = forward(params)
+
+    def jvp(v):  # J v by forward-mode AD of the network, as AuxiLearn does for the model
+        with fwAD.dual_level():
+            out = forward([fwAD.make_dual(p.detach(), t) for p, t in zip(params, v)])
+            return [fwAD.unpack_dual(out).tangent]
+
+    G = _dense(GaussNewtonOperator(logits, ce, params, jvp=jvp), params)
+    J = torch.autograd.functional.jacobian(lambda th: forward(unflat(th)).reshape(-1), flat)
+    H_out = torch.autograd.functional.hessian(lambda z: ce(z.reshape(logits.shape)), logits.detach().reshape(-1))
+    torch.testing.assert_close(G, J.T @ H_out @ J, rtol=1e-10, atol=1e-12)
+    # through hypergradient and top_eigenvalue too (the same numbers as the double-vjp products)
+    phi = torch.tensor(1.5, dtype=DT, requires_grad=True)
+    loss = phi * ce(logits)
+    outer = (forward(params) ** 2).mean()
+    kwargs = dict(method="neumann", neumann_terms=4, alpha=0.3, curvature="gauss_newton", outputs=logits,
+                  output_loss=lambda z: phi.detach() * ce(z))
+    plain = hypergradient(loss, outer, params, [phi], **kwargs)
+    fast = hypergradient(loss, outer, params, [phi], output_jvp=jvp, **kwargs)
+    torch.testing.assert_close(fast.grads[0], plain.grads[0], rtol=1e-10, atol=1e-14)
+    assert top_eigenvalue(ce(logits), params, iters=50, curvature="gauss_newton", outputs=logits, output_loss=ce,
+                          output_jvp=jvp) == pytest.approx(torch.linalg.eigvalsh(G).max().item(), rel=1e-3)
+    with pytest.raises(HypergradError, match="output_jvp is only used with curvature='gauss_newton'"):
+        hypergradient(loss, outer, params, [phi], output_jvp=jvp)
+
+
 def test_hessian_vector_product_matches_dense_hessian():
     params, forward, ce, *_ = _mlp_classifier(seed=2)
     sizes = [p.numel() for p in params]

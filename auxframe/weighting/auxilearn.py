@@ -149,7 +149,7 @@ class AuxiLearn(Weighting):
                 "(no curvature products); leave it at 1.0."
             )
         self.mixed, self.curvature_fraction = mixed, float(curvature_fraction)
-        self._forward_mixed_failed = False
+        self._forward_mode_failed = False
         self.learn_auxnet, self.generator_lr = bool(learn_auxnet), generator_lr
 
     # -- setup -----------------------------------------------------------------------------------
@@ -269,6 +269,20 @@ class AuxiLearn(Weighting):
         mode is the caller's. Updates alpha when ``alpha='auto'`` is due. Returns the result and
         the batch's loss matrix (for the effective weights).
         """
+        try:
+            return self._hypergradient(ctx, train_losses, outer_loss, forward_mode=True)
+        except _ForwardModeUnsupported as error:
+            self._forward_mode_failed = True
+            warnings.warn(
+                f"AuxiLearn: a forward-mode pass through the model failed ({error}); the mixed term and "
+                f"Gauss-Newton products use backward passes from now on. Set weightings.auxilearn.mixed = "
+                f"'vjp' to silence this.", RuntimeWarning, stacklevel=2,
+            )
+            if not self.loss_matrix(train_losses).requires_grad:  # a light outer step cannot go on
+                train_losses = ctx.train_losses()  # (a fresh batch, with its graph this time)
+            return self._hypergradient(ctx, train_losses, outer_loss, forward_mode=False)
+
+    def _hypergradient(self, ctx, train_losses, outer_loss, forward_mode: bool):
         matrix = self.loss_matrix(train_losses)
         train_loss = self.auxnet(matrix)
         inner = self._inner_parameters(ctx)
@@ -276,7 +290,7 @@ class AuxiLearn(Weighting):
         if self.curvature_fraction < 1:
             curvature_losses = self._curvature_subset(ctx, train_losses)
             hessian_loss = self.auxnet(self.loss_matrix(curvature_losses))
-        curvature = self._curvature_args(curvature_losses)
+        curvature = self._curvature_args(curvature_losses, ctx, inner, forward_mode)
         if self._alpha_due():
             top = hypergrad.top_eigenvalue(
                 train_loss if hessian_loss is None else hessian_loss, inner, seed=self.outer_steps,
@@ -286,77 +300,70 @@ class AuxiLearn(Weighting):
             # alpha * lambda < 2 for every positive eigenvalue (negative ones diverge regardless).
             self.alpha = hypergrad.safe_alpha(abs(top) if top != 0 else 1.0)
             self._logs["auxilearn/top_eigenvalue"] = top
-        mixed = self._mixed_mode(ctx, train_losses)
-        if mixed != "forward" and not train_loss.requires_grad:  # a light outer step that cannot go on
-            train_losses = ctx.train_losses()  # (a fresh batch, with its graph this time)
-            matrix = self.loss_matrix(train_losses)
-            train_loss = self.auxnet(matrix)
+        mixed = self._mixed_mode(ctx, train_losses) if forward_mode else ("vjp" if self.mixed in ("auto", "forward") else self.mixed)
         options = dict(
             method=self.method, neumann_terms=self.neumann_terms,
             alpha=self.alpha if self.alpha is not None else 1.0,  # (unused by cg / exact)
             scale_by_alpha=self.scale_by_alpha, reduce=_reduce(), hessian_loss=hessian_loss, **curvature,
         )
         if mixed == "forward":
-            try:
-                directional = self._directional(ctx, train_losses, matrix, inner)
-                result = hypergrad.hypergradient(train_loss, outer_loss, inner, self.outer_params,
-                                                 mixed="directional", directional=directional, **options)
-                return result, matrix
-            except _ForwardModeUnsupported as error:
-                self._forward_mixed_failed = True
-                warnings.warn(
-                    f"AuxiLearn: the forward-mode mixed term failed ({error}); using mixed='vjp' (a backward "
-                    f"through the gradient graph) from now on. Set weightings.auxilearn.mixed = 'vjp' to "
-                    f"silence this.", RuntimeWarning, stacklevel=2,
-                )
-                mixed = "vjp"
-                if not train_loss.requires_grad:
-                    train_losses = ctx.train_losses()
-                    matrix = self.loss_matrix(train_losses)
-                    train_loss = self.auxnet(matrix)
-        result = hypergrad.hypergradient(train_loss, outer_loss, inner, self.outer_params, mixed=mixed, **options)
-        return result, matrix
+            options.update(mixed="directional", directional=self._directional(ctx, train_losses, matrix, inner))
+        else:
+            options.update(mixed=mixed)
+        return hypergrad.hypergradient(train_loss, outer_loss, inner, self.outer_params, **options), matrix
 
-    # -- the mixed term in forward mode ----------------------------------------------------------
-    def _mixed_mode(self, ctx: StepContext, losses: TaskLosses | None = None) -> str:
-        """The mixed term's computation for this outer step (``mixed='auto'`` resolved; without
-        ``losses``, as far as it can be told before the training batch is drawn)."""
-        if self.mixed != "auto":
-            return self.mixed
+    # -- forward mode: the mixed term and Gauss-Newton products ----------------------------------
+    def _forward_mode_usable(self, ctx: StepContext, losses: TaskLosses | None = None) -> bool:
+        """Whether a second, forward-mode pass of the model reproduces the step's forward pass: no
+        earlier failure, no active dropout (it would draw other masks), the inputs recorded."""
         model = _unwrap(ctx.model)
-        usable = (
-            not self._forward_mixed_failed
-            and not self.generators
+        return (
+            not self._forward_mode_failed
             and (losses is None or (losses.from_outputs is not None and all(t in losses.inputs for t in losses.names)))
             and not any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training
                         for m in model.modules())
         )
-        return "forward" if usable else "vjp"
+
+    def _mixed_mode(self, ctx: StepContext, losses: TaskLosses | None = None) -> str:
+        """The mixed term's computation for this outer step (``mixed='auto'`` resolved; without
+        ``losses``, as far as it can be told before the training batch is drawn). Label generators
+        rule the forward mode out: their labels depend on phi, which ``<dg/dM, dM>`` does not see."""
+        if self.mixed != "auto":
+            return self.mixed
+        return "forward" if not self.generators and self._forward_mode_usable(ctx, losses) else "vjp"
+
+    def _forward_mode(self, ctx: StepContext, losses: TaskLosses, inner: list[nn.Parameter],
+                      tangents: list[torch.Tensor], read: Callable[[dict[str, torch.Tensor]], Any]) -> Any:
+        """Run the model on ``losses``' inputs with W made dual along ``tangents`` (one forward-mode
+        pass) and return ``read(outputs)``, called inside the dual level."""
+        model = _unwrap(ctx.model)
+        names = {id(p): n for n, p in model.named_parameters()}
+        # Copies of the buffers: the re-run must not move BatchNorm's running statistics.
+        state = {n: b.clone() for n, b in model.named_buffers()}
+        state.update({n: q.detach() for n, q in model.named_parameters()})
+        try:
+            with torch.no_grad(), fwAD.dual_level():
+                for param, tangent in zip(inner, tangents):
+                    state[names[id(param)]] = fwAD.make_dual(param.detach(), tangent.to(param.dtype))
+                outputs: dict[str, torch.Tensor] = {}
+                for group in _groups_of(losses):
+                    x = losses.inputs[group[0]]
+                    outputs.update(torch.func.functional_call(model, state, (x,), {"tasks": list(group)}))
+                return read(outputs)
+        except (RuntimeError, NotImplementedError) as error:
+            raise _ForwardModeUnsupported(str(error).splitlines()[0]) from error
 
     def _directional(self, ctx: StepContext, losses: TaskLosses, matrix: torch.Tensor, inner: list[nn.Parameter]):
         """``p -> <grad_W L_T, p>`` as a function of phi: ``<dg/dM (M), dM>``, with ``dM`` the
         directional derivative of the loss matrix ``M`` along ``p`` from one forward-mode pass of
         the model (``M`` does not depend on phi, so only ``dg/dM`` carries phi's graph)."""
-        model = _unwrap(ctx.model)
-        names = {id(p): n for n, p in model.named_parameters()}
         detached = matrix.detach().requires_grad_()
         (slope,) = torch.autograd.grad(self.auxnet(detached), detached, create_graph=True)
 
         def directional(p: list[torch.Tensor]) -> torch.Tensor:
-            # Copies of the buffers: the re-run must not move BatchNorm's running statistics.
-            state = {n: b.clone() for n, b in model.named_buffers()}
-            state.update({n: q.detach() for n, q in model.named_parameters()})
-            try:
-                with torch.no_grad(), fwAD.dual_level():
-                    for param, tangent in zip(inner, p):
-                        state[names[id(param)]] = fwAD.make_dual(param.detach(), tangent.to(param.dtype))
-                    outputs: dict[str, torch.Tensor] = {}
-                    for group in _groups_of(losses):
-                        x = losses.inputs[group[0]]
-                        outputs.update(torch.func.functional_call(model, state, (x,), {"tasks": list(group)}))
-                    tangent = fwAD.unpack_dual(self.loss_matrix(losses.from_outputs(outputs))).tangent
-            except (RuntimeError, NotImplementedError) as error:
-                raise _ForwardModeUnsupported(str(error).splitlines()[0]) from error
+            tangent = self._forward_mode(
+                ctx, losses, inner, p, lambda outs: fwAD.unpack_dual(self.loss_matrix(losses.from_outputs(outs))).tangent
+            )
             if tangent is None:  # the losses do not depend on W along p
                 tangent = torch.zeros_like(matrix)
             return (slope * tangent.to(slope.dtype)).sum()
@@ -385,7 +392,9 @@ class AuxiLearn(Weighting):
             self.curvature_index[group] = index
             outputs.update(model(x[index], tasks=list(group)))
             targets.update({t: losses.targets[t][index] for t in group})
-        return losses.from_outputs(outputs, targets)
+        subset = losses.from_outputs(outputs, targets)
+        subset.inputs = {t: losses.inputs[t][self.curvature_index[g]] for g in self.curvature_index for t in g}
+        return subset
 
     def _generator_regularizers(self, losses: TaskLosses) -> torch.Tensor | float:
         """The label generators' own outer-loss terms on this batch, logged as ``labelgen/<task>/regularizer``."""
@@ -405,8 +414,10 @@ class AuxiLearn(Weighting):
             return False
         return self.alpha is None or bool(self.alpha_refresh and self.outer_steps % self.alpha_refresh == 0)
 
-    def _curvature_args(self, losses: TaskLosses) -> dict[str, Any]:
-        """Keyword arguments selecting the curvature; Gauss-Newton works on the heads' outputs."""
+    def _curvature_args(self, losses: TaskLosses, ctx: StepContext | None = None,
+                        inner: list[nn.Parameter] | None = None, forward_mode: bool = False) -> dict[str, Any]:
+        """Keyword arguments selecting the curvature; Gauss-Newton works on the heads' outputs, with
+        ``J v`` by one forward-mode pass of the model where that reproduces the forward pass."""
         if self.curvature != "gauss_newton":
             return {"curvature": self.curvature}
         if losses.outputs is None or losses.from_outputs is None:
@@ -416,7 +427,13 @@ class AuxiLearn(Weighting):
         def output_loss(outs):
             return self.auxnet(self.loss_matrix(losses.from_outputs(dict(zip(names, outs)))))
 
-        return {"curvature": "gauss_newton", "outputs": [losses.outputs[n] for n in names], "output_loss": output_loss}
+        args = {"curvature": "gauss_newton", "outputs": [losses.outputs[n] for n in names], "output_loss": output_loss}
+        if forward_mode and ctx is not None and self._forward_mode_usable(ctx, losses):
+            def read(outs):
+                return [fwAD.unpack_dual(outs[n]).tangent for n in names]
+
+            args["output_jvp"] = lambda v: self._forward_mode(ctx, losses, inner, v, read)
+        return args
 
     def _inner_parameters(self, ctx: StepContext) -> list[nn.Parameter]:
         if self.inner_params == "shared":
