@@ -275,14 +275,19 @@ class AuxiLearn(Weighting):
             self._forward_mode_failed = True
             warnings.warn(
                 f"AuxiLearn: a forward-mode pass through the model failed ({error}); the mixed term and "
-                f"Gauss-Newton products use backward passes from now on. Set weightings.auxilearn.mixed = "
-                f"'vjp' to silence this.", RuntimeWarning, stacklevel=2,
+                f"Gauss-Newton products use backward passes from now on (the same values, more time). "
+                f"weightings.auxilearn.mixed = 'vjp' skips the forward-mode mixed term from the start.",
+                RuntimeWarning, stacklevel=2,
             )
             if not self.loss_matrix(train_losses).requires_grad:  # a light outer step cannot go on
                 train_losses = ctx.train_losses()  # (a fresh batch, with its graph this time)
             return self._hypergradient(ctx, train_losses, outer_loss, forward_mode=False)
 
-    def _hypergradient(self, ctx, train_losses, outer_loss, forward_mode: bool):
+    def _hypergradient(
+        self, ctx: StepContext, train_losses: TaskLosses, outer_loss: torch.Tensor, forward_mode: bool
+    ) -> tuple[hypergrad.HypergradResult, torch.Tensor]:
+        """:meth:`hypergradient`, with forward-mode passes (mixed term, Gauss-Newton ``J v``) where
+        they apply, or none at all (``forward_mode=False``, after one failed)."""
         matrix = self.loss_matrix(train_losses)
         train_loss = self.auxnet(matrix)
         inner = self._inner_parameters(ctx)
