@@ -142,8 +142,9 @@ def test_freed_graph_raises_unsupported():
     lin = nn.Linear(3, 4)
     z = torch.relu(lin(torch.randn(5, 3)))
     z.sum().backward()  # frees the saved tensors
-    with pytest.raises(Unsupported, match="ReluBackward0"):
+    with pytest.raises(Unsupported, match="ReluBackward0") as info:
         batched_vjp(z, torch.randn(2, 5, 4), list(lin.parameters()))
+    assert info.value.transient  # the graph's state: the model itself may fold on the next step
 
 
 class TanhNet(nn.Module):
@@ -210,3 +211,27 @@ def test_chunks_of_rows_give_the_same_gradients():
     tol = dict(rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
     torch.testing.assert_close(flat(batched_vjp(z, rows, params, chunk=3), params, 7), expected, **tol)
     torch.testing.assert_close(whole, expected, **tol)
+
+
+def test_a_transient_failure_does_not_send_the_backbone_to_the_loop_for_good(monkeypatch):
+    import auxframe.weighting.gradients as gradients_module
+
+    backbone = SmallCNN((1, 8, 8), channels=(4, 3))
+    real = gradients_module.batched_vjp
+    calls = []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise Unsupported("ReluBackward0 (saved tensors freed)", transient=True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gradients_module, "batched_vjp", fails_once)
+    engine, tasks, explicit = engine_step(backbone, batched=True)
+    with pytest.warns(RuntimeWarning, match="for this step"):
+        torch.testing.assert_close(engine.jacobian(tasks), explicit, rtol=1e-5, atol=1e-7)
+    engine, tasks, explicit = engine_step(backbone, batched=True, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        torch.testing.assert_close(engine.jacobian(tasks), explicit, rtol=1e-5, atol=1e-7)
+    assert len(calls) == 2  # the second step folded again

@@ -40,7 +40,15 @@ aten = torch.ops.aten
 
 
 class Unsupported(RuntimeError):
-    """The autograd graph has a node without a batched rule (its name is the message)."""
+    """The autograd graph has a node without a batched rule (its name is the message).
+
+    ``transient`` is True where the failure belongs to this graph, not to the model (its saved
+    tensors were freed, or there is no graph): another step's graph may well fold.
+    """
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 Rule = Callable[[object, list, list, int], list]
@@ -79,7 +87,7 @@ def batched_vjp(
         Unsupported: a node of the graph has no batched rule (or its saved tensors are gone).
     """
     if output.grad_fn is None:
-        raise Unsupported("the output has no autograd graph")
+        raise Unsupported("the output has no autograd graph", transient=True)
     targets = {id(p): i for i, p in enumerate(params)}
     order, relevant = _relevant_nodes(output.grad_fn, targets)
     if output.grad_fn not in relevant:
@@ -116,7 +124,8 @@ def _reverse_pass(output, rows, order, relevant, targets, n: int) -> list[torch.
         except Unsupported:
             raise
         except (RuntimeError, AttributeError) as err:  # freed saved tensors, an unexpected variant
-            raise Unsupported(f"{name} ({str(err).splitlines()[0]})") from err
+            freed = isinstance(err, RuntimeError) and "freed" in str(err)
+            raise Unsupported(f"{name} ({str(err).splitlines()[0]})", transient=freed) from err
         for (nxt, nr), needed, g in zip(edges, need, outs):
             if not needed or g is None:
                 continue

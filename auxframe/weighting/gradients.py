@@ -270,6 +270,10 @@ class TaskGradients:
             try:
                 return batched_vjp(output, rows, self.params, chunk=FOLD_CHUNK.get(output.device.type))
             except Unsupported as err:
+                if err.transient:  # this graph's state, not the backbone's: fold again next time
+                    warnings.warn(f"batched per-task gradients: {err}; using one backward per task for "
+                                  f"this step", RuntimeWarning, stacklevel=3)
+                    return None
                 _FOLD_UNSUPPORTED.setdefault(backbone, {})[backbone.training] = str(err)
                 warnings.warn(f"batched per-task gradients: no batched rule for {err} in "
                               f"{type(backbone).__name__}; using one backward per task for this backbone",
