@@ -83,13 +83,15 @@ def test_forward_mode_leaves_batchnorm_statistics_alone():
         assert torch.equal(b, before[k]), k
 
 
-def test_last_shared_layer_space_is_the_last_layer():
+@pytest.mark.parametrize("batched", [False, True, "vmap"])
+def test_last_shared_layer_space_is_the_last_layer(batched):
     model, losses, ctx = make_step(seed=3)
     last = last_shared_layer(model.backbone)
     assert last and all(any(p is q for q in ctx.shared_parameters) for p in last)
     assert len(last) < len(ctx.shared_parameters)
     jac = explicit_jacobian(losses, last)
-    torch.testing.assert_close(TaskGradients(losses, ctx, space="last_shared").gramian(TASKS), jac @ jac.T)
+    engine = TaskGradients(losses, ctx, space="last_shared", batched=batched)
+    torch.testing.assert_close(engine.gramian(TASKS), jac @ jac.T, rtol=1e-5, atol=1e-6)
 
 
 def test_representation_space_is_the_gradient_wrt_the_features():

@@ -217,7 +217,7 @@ class TaskGradients:
         return self._jacobians[key]
 
     def _parameter_jacobian(self, tasks: Sequence[str]) -> torch.Tensor:
-        if self.space == "shared" and all(t in self.losses.features for t in tasks):
+        if self.space in ("shared", "last_shared") and all(t in self.losses.features for t in tasks):
             return self._jacobian_through_representation(tasks)
         means = self.losses.means(list(tasks))
         if self.batched:  # no representation to start from: the folded pass would meet the heads
