@@ -66,7 +66,7 @@ GOAL_OUTER_J3 = 6.0  # an outer step with J = 3 costs at most this many inner st
 GOAL_THROUGHPUT = 1.3  # AuxiLearn (outer every 20 steps) / Equal
 JS = (0, 1, 3, 5)
 WS = ("shared", "all")
-SECTIONS = ("ratio", "memory", "throughput", "profile", "whatif", "fraction")
+SECTIONS = ("ratio", "memory", "throughput", "profile", "whatif", "fraction", "graph")
 FRACTIONS = (1.0, 0.5, 0.25)
 
 
@@ -695,6 +695,89 @@ def section_fraction(args, tr: Trainer, sync) -> dict:
     return {"ratio": ratio, "agree": agree, "noise": noise}
 
 
+# -- 7. CUDA graph (prototype) --------------------------------------------------------------------
+class GraphedOuter:
+    """A J=3 hypergradient (Hessian, whole batch, mixed by vjp) on static input buffers, written
+    without host synchronisation so that it can be captured in a CUDA graph and replayed: what
+    capture would save where the outer step is bound by kernel launches. A prototype in this
+    script, not in auxframe; checked against ``hypergrad.hypergradient`` before it is timed."""
+
+    def __init__(self, tr: Trainer):
+        self.tr, w = tr, tr.weighting
+        losses = tr.ctx.train_losses()
+        self.groups = [tuple(g.tasks) for g in tr.groups]
+        self.x = {g: losses.inputs[g[0]].detach().clone() for g in self.groups}
+        self.y = {t: losses.targets[t].detach().clone() for t in losses.names}
+        aux_x, aux_y = next(tr.aux_loader)
+        self.aux_x = aux_x.to(tr.device)
+        self.aux_y = aux_y[tr.tasks[w.main_task].labels].to(tr.device)
+        self.inner, self.phi = w._inner_parameters(tr.ctx), list(w.auxnet.parameters())
+        self.alpha = float(w.alpha)
+
+    def losses(self):
+        tr, w = self.tr, self.tr.weighting
+        outputs = {}
+        for g in self.groups:
+            outputs.update(tr.model(self.x[g], tasks=list(g)))
+        train_loss = w.auxnet(w.loss_matrix(tr._losses_from(outputs, self.y)))
+        main = w.main_task
+        outer = tr.tasks[main].loss(tr.model(self.aux_x, tasks=[main])[main], self.aux_y).mean()
+        return train_loss, outer
+
+    def compute(self, J: int = 3):
+        train_loss, outer = self.losses()
+        v = torch.autograd.grad(outer, self.inner, retain_graph=True)
+        g = torch.autograd.grad(train_loss, self.inner, create_graph=True)
+        term, p = list(v), list(v)
+        for _ in range(J):
+            hv = torch.autograd.grad(g, self.inner, term, retain_graph=True)
+            term = [t - self.alpha * h for t, h in zip(term, hv)]
+            p = [a + b for a, b in zip(p, term)]
+        return [-m for m in torch.autograd.grad(g, self.phi, p)]
+
+
+def section_graph(args, tr: Trainer, sync) -> None:
+    print("\n== 7. CUDA-graph capture of the outer step (prototype; J=3, Hessian, whole batch) ==")
+    if tr.device.type != "cuda":
+        print("  skipped: needs --device cuda")
+        return
+    from auxframe.weighting.auxilearn import _restore_batchnorm_mode, _set_batchnorm_mode
+
+    saved = _set_batchnorm_mode(tr.model, True)
+    try:
+        graphed = GraphedOuter(tr)
+        train_loss, outer = graphed.losses()
+        ref = hypergrad.hypergradient(train_loss, outer, graphed.inner, graphed.phi, neumann_terms=3,
+                                      alpha=graphed.alpha, mixed="vjp").grads
+        eager = graphed.compute()
+        print(f"  check: prototype vs hypergrad.hypergradient: max relative difference {max_rel_diff(eager, ref):.1e}")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                graphed.compute()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = graphed.compute()
+        graph.replay()
+        sync()
+        print(f"  check: replay vs eager: max relative difference {max_rel_diff(static, graphed.compute()):.1e}")
+        t = defaultdict(list)
+        for r in rounds(args.time_limit, args.rounds):
+            t["inner"].append(timed(tr.inner_step, args.inner_steps, sync))
+            steps = {"eager": graphed.compute, "replay": graph.replay}
+            for k in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+                t[k].append(timed(steps[k], 3, sync))
+        for k in ("eager", "replay"):
+            print(f"  {k:6s} hypergradient: {1e3 * statistics.median(t[k]):.2f} ms = "
+                  f"{spread([a / i for a, i in zip(t[k], t['inner'])])} inner steps")
+    except Exception as exc:  # a prototype: report what stops capture here
+        print(f"  capture failed: {type(exc).__name__}: {str(exc)[:300]}")
+    finally:
+        _restore_batchnorm_mode(saved)
+
+
 # -- main ---------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -770,6 +853,8 @@ def main(argv: list[str] | None = None) -> int:
         section_whatif(args, tr, sync, j3_ratio)
     if "fraction" in sections:
         section_fraction(args, tr, sync)
+    if "graph" in sections:
+        section_graph(args, tr, sync)
     print("\n== summary ==")
     if j3_ratio is not None:
         print(f"  outer step J=3 / inner step (W=shared): {verdict(j3_ratio, GOAL_OUTER_J3)}")
