@@ -746,23 +746,30 @@ def section_graph(args, tr: Trainer, sync) -> None:
     saved = _set_batchnorm_mode(tr.model, True)
     try:
         graphed = GraphedOuter(tr)
-        train_loss, outer = graphed.losses()
-        ref = hypergrad.hypergradient(train_loss, outer, graphed.inner, graphed.phi, neumann_terms=3,
-                                      alpha=graphed.alpha, mixed="vjp").grads
-        eager = graphed.compute()
-        print(f"  check: prototype vs hypergrad.hypergradient: max relative difference {max_rel_diff(eager, ref):.1e}")
+
+        def check() -> float:  # (its graphs die with it: capture needs no live graph from another stream)
+            train_loss, outer = graphed.losses()
+            ref = hypergrad.hypergradient(train_loss, outer, graphed.inner, graphed.phi, neumann_terms=3,
+                                          alpha=graphed.alpha, mixed="vjp").grads
+            return max_rel_diff([g.detach() for g in graphed.compute()], [g.detach() for g in ref])
+
+        print(f"  check: prototype vs hypergrad.hypergradient: max relative difference {check():.1e}")
+        gc.collect()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
             for _ in range(3):
-                graphed.compute()
+                [g.detach() for g in graphed.compute()]
+            gc.collect()
+            with torch.cuda.graph(graph, stream=stream):
+                static = [g.detach() for g in graphed.compute()]
         torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static = graphed.compute()
         graph.replay()
         sync()
-        print(f"  check: replay vs eager: max relative difference {max_rel_diff(static, graphed.compute()):.1e}")
+        eager = [g.detach() for g in graphed.compute()]
+        print(f"  check: replay vs eager: max relative difference {max_rel_diff(static, eager):.1e}")
+        del eager
         t = defaultdict(list)
         for r in rounds(args.time_limit, args.rounds):
             t["inner"].append(timed(tr.inner_step, args.inner_steps, sync))
