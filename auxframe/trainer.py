@@ -152,6 +152,9 @@ class Trainer:
             shared_parameters=list(model.shared_parameters()),
             train_losses=lambda: self._next_train_losses(label_grad=True),
             aux_set_losses=self._next_aux_set_losses if self.aux_loader is not None else None,
+            train_batch=self._next_train_batch,
+            aux_set_batch=self._next_aux_set_batch if self.aux_loader is not None else None,
+            make_losses=self._losses_from,
         )
         self._stop_requested = False
         self.best: dict[str, Any] | None = None
@@ -225,6 +228,21 @@ class Trainer:
         batches = {g.key: next(self.loaders[g.key]) for g in self.groups}
         return self.compute_losses(batches, label_grad=label_grad)
 
+    def _next_train_batch(self) -> dict[tuple[str, ...], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """The next training batch of every group, inputs (after any signal) and targets on the
+        device, without a forward pass: ``{group's tasks: (inputs, {task: targets})}``."""
+        batch = {}
+        for g in self.groups:
+            images, labels = next(self.loaders[g.key])
+            batch[tuple(g.tasks)] = self._group_batch(g, images, labels, train=True, rng=self.signal_rngs[g.key])
+        return batch
+
+    def _next_aux_set_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next auxiliary-set batch: inputs and the main task's targets, on the device."""
+        images, labels = next(self.aux_loader)
+        y = labels[self.tasks[self.graph.main.name].labels]
+        return images.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
     def _next_aux_set_losses(self) -> TaskLosses:
         images, labels = next(self.aux_loader)
         main = self.graph.main.name
@@ -291,10 +309,12 @@ class Trainer:
             while self.step < s.steps and not stop:
                 losses = self.inner_step()
                 self.step += 1
+                means = None if self.last_step_skipped else losses.detached_means()
+                del losses  # no graph of this step outlives it (an outer step may capture a CUDA graph)
                 if self.weighting.outer_every and self.step % self.weighting.outer_every == 0:
                     self.outer_step()
-                if not self.last_step_skipped:
-                    for t, v in losses.detached_means().items():
+                if means is not None:
+                    for t, v in means.items():
                         acc[t] = acc[t] + v if t in acc else v
                     acc_n += 1
                 log_now = self.step % s.log_every == 0 or self.step == s.steps

@@ -92,7 +92,7 @@ def build_trainer(args, device: torch.device, weighting=None) -> Trainer:
 def make_auxilearn(args, inner_params: str = "shared", **options) -> AuxiLearn:
     alpha = args.alpha if args.alpha == "auto" else float(args.alpha)
     options = {"mixed": args.mixed, "curvature_fraction": args.curvature_fraction, "curvature": args.curvature,
-               **options}
+               "cuda_graph": args.cuda_graph, **options}
     return AuxiLearn(auxnet="linear", outer_every=args.outer_every, neumann_terms=3, alpha=alpha,
                      inner_params=inner_params, **options)
 
@@ -779,6 +779,24 @@ def section_graph(args, tr: Trainer, sync) -> None:
         for k in ("eager", "replay"):
             print(f"  {k:6s} hypergradient: {1e3 * statistics.median(t[k]):.2f} ms = "
                   f"{spread([a / i for a, i in zip(t[k], t['inner'])])} inner steps")
+        del graph, graphed, static
+        # AuxiLearn's own cuda_graph=True against its eager outer step (mixed='vjp' for both)
+        trainers = {flag: build_trainer(args, tr.device, make_auxilearn(args, cuda_graph=flag, mixed="vjp"))
+                    for flag in (False, True)}
+        for t_ in trainers.values():
+            warm_up(t_, args.warmup, sync)  # the first outer step (alpha), eager
+            t_.weighting.outer_step(t_.ctx)  # cuda_graph=True captures here
+        ratio = defaultdict(list)
+        for r in rounds(args.time_limit, args.rounds):
+            for flag in ((False, True) if r % 2 == 0 else (True, False)):
+                t_ = trainers[flag]
+                inner = timed(t_.inner_step, args.inner_steps, sync)
+                ratio[flag].append(timed(lambda: t_.weighting.outer_step(t_.ctx), 1, sync) / inner)
+        captured = trainers[True].weighting._graphed is not None
+        for flag in (False, True):
+            print(f"  AuxiLearn outer step, cuda_graph={flag}: {spread(ratio[flag])} inner steps"
+                  + (f" (graph captured: {captured})" if flag else ""))
+        print(f"J=3 outer / inner with cuda_graph=True: {verdict(statistics.median(ratio[True]), GOAL_OUTER_J3)}")
     except Exception as exc:  # a prototype: report what stops capture here
         print(f"  capture failed: {type(exc).__name__}: {str(exc)[:300]}")
     finally:
@@ -807,6 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--mixed", default="auto", help="AuxiLearn mixed: auto (default), forward, vjp, jacobian")
     p.add_argument("--curvature", default="hessian", help="AuxiLearn curvature: hessian (default) or gauss_newton")
+    p.add_argument("--cuda-graph", action="store_true", help="AuxiLearn cuda_graph=True (section 7 times both)")
     p.add_argument("--curvature-fraction", type=float, default=1.0,
                    help="AuxiLearn curvature_fraction for every section but 6 (default 1.0)")
     args = p.parse_args(argv)

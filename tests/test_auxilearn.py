@@ -377,3 +377,42 @@ def test_gauss_newton_products_by_forward_mode_equal_the_double_vjp_ones():
     slow = step.hypergradient(w)
     assert slow.norm() > 1e-6
     assert ((fast - slow).norm() / slow.norm()).item() < 1e-8
+
+
+# -- the outer step captured in a CUDA graph (the captured function, checked here on the CPU) -------
+def test_the_graphed_hypergradient_computes_what_hypergradient_computes():
+    from auxframe.weighting.graphed import GraphedHypergradient
+
+    step = _Step()
+    for scale in (False, True):
+        w = step.weighting(auxnet="nonlinear", mixed="vjp", scale_by_alpha=scale)
+        batch = {("main", "parity"): (step.x["a"], {t: step.targets[t] for t in ("main", "parity")}),
+                 ("rotation",): (step.x["b"], {"rotation": step.targets["rotation"]})}
+        inner = w._inner_parameters(step.ctx)
+        graphed = GraphedHypergradient(w, step.model, inner, step.from_outputs, batch, (step.x_aux, step.y_aux),
+                                       alpha=0.05, capture=False)
+        grads, norms, v_norm, matrix, outer = graphed(batch, (step.x_aux, step.y_aux), 0.05)
+        expected = hypergrad_of(step, w)
+        got = torch.cat([g.reshape(-1) for g in grads])
+        assert ((got - torch.cat([g.reshape(-1) for g in expected.grads])).norm() / got.norm()).item() < 1e-10
+        assert norms.tolist() == pytest.approx(expected.term_norms, rel=1e-10)
+        assert float(v_norm) == pytest.approx(expected.outer_grad_norm, rel=1e-10)
+        assert torch.allclose(outer, step.aux_losses().mean("main"))
+        assert graphed.fits(batch, (step.x_aux, step.y_aux))
+        assert not graphed.fits(batch, (step.x_aux[:5], step.y_aux[:5]))  # another shape: eager instead
+
+
+def hypergrad_of(step, w):
+    from auxframe import hypergrad
+
+    losses = step.losses()
+    return hypergrad.hypergradient(w.auxnet(w.loss_matrix(losses)), step.aux_losses().mean("main"),
+                                   w._inner_parameters(step.ctx), w.outer_params, neumann_terms=w.neumann_terms,
+                                   alpha=0.05, scale_by_alpha=w.scale_by_alpha, mixed="vjp")
+
+
+def test_cuda_graph_where_it_does_not_apply_says_why_once_and_trains_eagerly(tmp_path):
+    with pytest.warns(RuntimeWarning, match=r"cuda_graph=True does not apply here \(the model is not on a CUDA") as record:
+        result = run(tmp_path / "s", steps=6, **{"weightings.auxilearn.cuda_graph": "True"})
+    assert len([w for w in record if "cuda_graph" in str(w.message)]) == 1
+    assert result["steps"] == 6

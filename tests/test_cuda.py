@@ -51,3 +51,23 @@ def test_every_weighting_trains_on_gpu_like_on_cpu(tmp_path, name):
     for task, w in results["cpu"]["weights"].items():
         assert results["cuda"]["weights"][task] == pytest.approx(w, rel=1e-2, abs=1e-3), (task, name)
     assert abs(results["cuda"]["test"] - results["cpu"]["test"]) < 0.05
+
+
+def test_auxilearn_outer_steps_replayed_from_a_cuda_graph_equal_eager_ones(tmp_path):
+    import warnings
+
+    results, said = {}, []
+    for graph in (False, True):
+        gin.clear_config()
+        bindings = {"train.device": "'cuda'", "train.weighting": "@weightings.auxilearn()",
+                    "weightings.auxilearn.outer_every": 3, "weightings.auxilearn.mixed": "'vjp'",
+                    "weightings.auxilearn.cuda_graph": str(graph)}
+        config.parse([GIN / "quickstart.gin"], quick_bindings(steps=12, **bindings))
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            results[graph] = train(run_dir=tmp_path / str(graph))
+        said += [str(w.message) for w in record if str(w.message).startswith("AuxiLearn")]
+    assert not said  # the graph applied and was captured
+    for task, w in results[False]["weights"].items():
+        assert results[True]["weights"][task] == pytest.approx(w, rel=1e-3, abs=1e-4), task
+    assert results[True]["test"] == pytest.approx(results[False]["test"], abs=0.02)

@@ -90,6 +90,13 @@ class AuxiLearn(Weighting):
             A curvature mini-batch smaller than the gradient mini-batch is the practice of
             Hessian-free optimisation (Martens 2010; Byrd et al. 2011); ``bench/auxilearn_cost.py``
             measures what it saves and how far the hypergradient moves.
+        cuda_graph: on a GPU, capture the outer step's hypergradient once in a CUDA graph and
+            replay it at every outer step (:mod:`auxframe.weighting.graphed`): the same numbers,
+            several times faster where small models leave the GPU waiting on kernel launches.
+            Applies with ``method='neumann'``, ``curvature='hessian'``, ``curvature_fraction=1``,
+            one auxiliary-set batch, no label generators, no active dropout, one process; the
+            first outer step (which estimates ``alpha='auto'``) and batches of another shape run
+            eagerly. Costs the memory of one outer step's graphs for the rest of the run.
         learn_auxnet: learn the auxiliary network's parameters; False keeps them at their
             initial values (the linear net: weight 1 on every task) and learns only the label
             generators of generated-label tasks.
@@ -117,6 +124,7 @@ class AuxiLearn(Weighting):
         learn_auxnet: bool = True,
         generator_lr: float | None = None,
         curvature_fraction: float = 1.0,
+        cuda_graph: bool = False,
     ):
         _check_choice("inner_params", inner_params, _INNER)
         _check_choice("outer_bn_mode", outer_bn_mode, _BN_MODES)
@@ -149,6 +157,9 @@ class AuxiLearn(Weighting):
                 "(no curvature products); leave it at 1.0."
             )
         self.mixed, self.curvature_fraction = mixed, float(curvature_fraction)
+        self.cuda_graph = bool(cuda_graph)
+        self._graphed = None  # the captured hypergradient (auxframe.weighting.graphed)
+        self._graph_off: str | None = None  # why capture is not used (said once)
         self._forward_mode_failed = False
         self.learn_auxnet, self.generator_lr = bool(learn_auxnet), generator_lr
 
@@ -231,6 +242,19 @@ class AuxiLearn(Weighting):
         """One step of phi along the hypergradient of the auxiliary-set main loss."""
         bn_modes = _set_batchnorm_mode(ctx.model, self.outer_bn_mode == "train")
         try:
+            graphed = self._graphed_step(ctx) if self.cuda_graph else None
+        except BaseException:
+            _restore_batchnorm_mode(bn_modes)
+            raise
+        if graphed is not None:
+            result, matrix, outer_loss = graphed
+            _restore_batchnorm_mode(bn_modes)
+        else:
+            result, matrix, outer_loss = self._eager_step(ctx, bn_modes)
+        self._apply(result, matrix, outer_loss)
+
+    def _eager_step(self, ctx: StepContext, bn_modes) -> tuple[hypergrad.HypergradResult, torch.Tensor, torch.Tensor]:
+        try:
             # With the forward-mode mixed term and the curvature on a sub-batch, nothing is
             # differentiated through the whole training batch's forward pass: run it without a graph.
             light = self.curvature_fraction < 1 and self._mixed_mode(ctx) == "forward"
@@ -241,6 +265,10 @@ class AuxiLearn(Weighting):
             result, matrix = self.hypergradient(ctx, train_losses, outer_loss)
         finally:
             _restore_batchnorm_mode(bn_modes)
+        return result, matrix, outer_loss
+
+    def _apply(self, result: hypergrad.HypergradResult, matrix: torch.Tensor, outer_loss: torch.Tensor) -> None:
+        """Step phi along the hypergradient and record what users see."""
         phi = self.outer_params
         for p, g in zip(phi, result.grads):
             p.grad = g.detach()
@@ -316,6 +344,56 @@ class AuxiLearn(Weighting):
         else:
             options.update(mixed=mixed)
         return hypergrad.hypergradient(train_loss, outer_loss, inner, self.outer_params, **options), matrix
+
+    # -- the outer step captured in a CUDA graph ---------------------------------------------------
+    def _graph_blocker(self, ctx: StepContext) -> str | None:
+        """Why this weighting's outer step cannot be replayed from a CUDA graph, or None."""
+        reasons = [
+            (next(iter(ctx.shared_parameters)).device.type != "cuda", "the model is not on a CUDA device"),
+            (ctx.train_batch is None or ctx.aux_set_batch is None or ctx.make_losses is None,
+             "the trainer offers no raw batches"),
+            (self.method != "neumann", f"method={self.method!r} (needs 'neumann')"),
+            (self.curvature != "hessian", f"curvature={self.curvature!r} (needs 'hessian')"),
+            (self.curvature_fraction < 1, "curvature_fraction < 1"),
+            (self.aux_batches != 1, "aux_batches > 1"),
+            (bool(self.generators), "label generators"),
+            (distributed.is_distributed(), "torchrun (several processes)"),
+            (any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in _unwrap(ctx.model).modules()),
+             "dropout in the model"),
+        ]
+        return next((why for blocked, why in reasons if blocked), None)
+
+    def _graphed_step(self, ctx: StepContext) -> tuple[hypergrad.HypergradResult, torch.Tensor, torch.Tensor] | None:
+        """The outer step's hypergradient replayed from the CUDA graph, or None (then eagerly)."""
+        if self._graph_off is None:
+            blocker = self._graph_blocker(ctx)
+            if blocker is not None:
+                self._graph_off = blocker
+                warnings.warn(f"AuxiLearn: cuda_graph=True does not apply here ({blocker}); outer steps run "
+                              f"eagerly.", RuntimeWarning, stacklevel=3)
+        if self._graph_off is not None or self.alpha is None or self._alpha_due():
+            return None  # (the first outer step estimates alpha eagerly)
+        batch, aux_batch = ctx.train_batch(), ctx.aux_set_batch()
+        if self._graphed is not None and self._graphed.settings != (self.neumann_terms, self.scale_by_alpha):
+            self._graphed = None  # J or the scaling changed since the capture: capture again
+        if self._graphed is None:
+            from auxframe.weighting.graphed import GraphedHypergradient
+
+            try:
+                self._graphed = GraphedHypergradient(self, _unwrap(ctx.model), self._inner_parameters(ctx),
+                                                     ctx.make_losses, batch, aux_batch, self.alpha)
+            except Exception as error:  # (CUDA errors of a failed capture, whatever their class)
+                self._graph_off = f"capture failed: {type(error).__name__}: {str(error).splitlines()[0]}"
+                warnings.warn(f"AuxiLearn: {self._graph_off}; outer steps run eagerly.", RuntimeWarning, stacklevel=3)
+                return None
+        if not self._graphed.fits(batch, aux_batch):
+            return None
+        grads, norms, v_norm, matrix, outer = self._graphed(batch, aux_batch, self.alpha)
+        term_norms = norms.tolist()
+        diverging = not all(math.isfinite(x) for x in term_norms) or (len(term_norms) > 1 and term_norms[-1] > term_norms[0])
+        result = hypergrad.HypergradResult(grads=grads, term_norms=term_norms, diverging=diverging,
+                                           outer_grad_norm=float(v_norm))
+        return result, matrix, outer
 
     # -- forward mode: the mixed term and Gauss-Newton products ----------------------------------
     def _forward_mode_usable(self, ctx: StepContext, losses: TaskLosses | None = None) -> bool:

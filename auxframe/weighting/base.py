@@ -158,6 +158,11 @@ class StepContext:
             task's losses on it (None when the split has no auxiliary set).
         extras: per-step quantities shared between methods and computed once (e.g. per-task
             gradients); a cache keyed by name.
+        train_batch: draws the next training batches without a forward pass, as ``{group's
+            tasks: (inputs, {task: targets})}`` (None where the trainer does not offer it).
+        aux_set_batch: draws the next auxiliary-set batch as ``(inputs, main-task targets)``.
+        make_losses: the trainer's task losses of given head outputs and targets,
+            ``make_losses({task: output}, {task: targets}) -> TaskLosses``.
     """
 
     step: int
@@ -166,6 +171,9 @@ class StepContext:
     train_losses: Callable[[], TaskLosses]
     aux_set_losses: Callable[[], TaskLosses] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    train_batch: Callable[[], dict[tuple[str, ...], tuple[torch.Tensor, dict[str, torch.Tensor]]]] | None = None
+    aux_set_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    make_losses: Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], TaskLosses] | None = None
 
 
 class Weighting:
