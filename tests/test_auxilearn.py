@@ -413,6 +413,6 @@ def hypergrad_of(step, w):
 
 def test_cuda_graph_where_it_does_not_apply_says_why_once_and_trains_eagerly(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"cuda_graph=True does not apply here \(the model is not on a CUDA") as record:
-        result = run(tmp_path / "s", steps=6, **{"weightings.auxilearn.cuda_graph": "True"})
+        result = run(tmp_path / "s", steps=6, **{"weightings.auxilearn.cuda_graph": "True", "train.device": "'cpu'"})
     assert len([w for w in record if "cuda_graph" in str(w.message)]) == 1
     assert result["steps"] == 6
