@@ -194,6 +194,22 @@ class Trainer:
                 targets[t] = self.tasks[t].generator(images, targets[t], train=train, grad=label_grad)
         return images, targets
 
+    def prepare_batches(self, batches: Mapping[str, tuple], label_grad: bool = False
+                        ) -> dict[tuple[str, ...], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """Each group's inputs (after any signal) and per-task targets, on the device, given one
+        raw batch per group: ``{group's tasks: (inputs, {task: targets})}``.
+
+        Args:
+            batches: one raw batch per group key.
+            label_grad: generated labels carry gradients to their generators (for outer steps).
+        """
+        prepared = {}
+        for g in self.groups:
+            images, labels = batches[g.key]
+            prepared[tuple(g.tasks)] = self._group_batch(g, images, labels, train=True, rng=self.signal_rngs[g.key],
+                                                         label_grad=label_grad)
+        return prepared
+
     def compute_losses(self, batches: Mapping[str, tuple], label_grad: bool = False) -> TaskLosses:
         """Unreduced losses of every needed task, given one raw batch per group.
 
@@ -205,14 +221,11 @@ class Trainer:
         targets: dict[str, torch.Tensor] = {}
         features: dict[str, torch.Tensor] = {}
         inputs: dict[str, torch.Tensor] = {}
-        for g in self.groups:
-            images, labels = batches[g.key]
-            x, group_targets = self._group_batch(g, images, labels, train=True, rng=self.signal_rngs[g.key],
-                                                 label_grad=label_grad)
-            group_outputs, group_features = self._forward_model(x, tasks=g.tasks, return_features=True)
+        for tasks, (x, group_targets) in self.prepare_batches(batches, label_grad).items():
+            group_outputs, group_features = self._forward_model(x, tasks=list(tasks), return_features=True)
             outputs.update(group_outputs)
             features.update(group_features)
-            inputs.update({t: x for t in g.tasks})
+            inputs.update({t: x for t in tasks})
             targets.update(group_targets)
         return self._losses_from(outputs, targets, features, inputs)
 
@@ -229,13 +242,9 @@ class Trainer:
         return self.compute_losses(batches, label_grad=label_grad)
 
     def _next_train_batch(self) -> dict[tuple[str, ...], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        """The next training batch of every group, inputs (after any signal) and targets on the
-        device, without a forward pass: ``{group's tasks: (inputs, {task: targets})}``."""
-        batch = {}
-        for g in self.groups:
-            images, labels = next(self.loaders[g.key])
-            batch[tuple(g.tasks)] = self._group_batch(g, images, labels, train=True, rng=self.signal_rngs[g.key])
-        return batch
+        """The next training batch of every group, prepared (:meth:`prepare_batches`), without a
+        forward pass."""
+        return self.prepare_batches({g.key: next(self.loaders[g.key]) for g in self.groups})
 
     def _next_aux_set_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next auxiliary-set batch: inputs and the main task's targets, on the device."""
