@@ -695,91 +695,37 @@ def section_fraction(args, tr: Trainer, sync) -> dict:
     return {"ratio": ratio, "agree": agree, "noise": noise}
 
 
-# -- 7. CUDA graph (prototype) --------------------------------------------------------------------
-class GraphedOuter:
-    """A J=3 hypergradient (Hessian, whole batch, mixed by vjp) on static input buffers, written
-    without host synchronisation so that it can be captured in a CUDA graph and replayed: what
-    capture would save where the outer step is bound by kernel launches. A prototype in this
-    script, not in auxframe; checked against ``hypergrad.hypergradient`` before it is timed."""
-
-    def __init__(self, tr: Trainer):
-        self.tr, w = tr, tr.weighting
-        losses = tr.ctx.train_losses()
-        self.groups = [tuple(g.tasks) for g in tr.groups]
-        self.x = {g: losses.inputs[g[0]].detach().clone() for g in self.groups}
-        self.y = {t: losses.targets[t].detach().clone() for t in losses.names}
-        aux_x, aux_y = next(tr.aux_loader)
-        self.aux_x = aux_x.to(tr.device)
-        self.aux_y = aux_y[tr.tasks[w.main_task].labels].to(tr.device)
-        self.inner, self.phi = w._inner_parameters(tr.ctx), list(w.auxnet.parameters())
-        self.alpha = float(w.alpha)
-
-    def losses(self):
-        tr, w = self.tr, self.tr.weighting
-        outputs = {}
-        for g in self.groups:
-            outputs.update(tr.model(self.x[g], tasks=list(g)))
-        train_loss = w.auxnet(w.loss_matrix(tr._losses_from(outputs, self.y)))
-        main = w.main_task
-        outer = tr.tasks[main].loss(tr.model(self.aux_x, tasks=[main])[main], self.aux_y).mean()
-        return train_loss, outer
-
-    def compute(self, J: int = 3):
-        train_loss, outer = self.losses()
-        v = torch.autograd.grad(outer, self.inner, retain_graph=True)
-        g = torch.autograd.grad(train_loss, self.inner, create_graph=True)
-        term, p = list(v), list(v)
-        for _ in range(J):
-            hv = torch.autograd.grad(g, self.inner, term, retain_graph=True)
-            term = [t - self.alpha * h for t, h in zip(term, hv)]
-            p = [a + b for a, b in zip(p, term)]
-        return [-m for m in torch.autograd.grad(g, self.phi, p)]
-
-
+# -- 7. CUDA graph ---------------------------------------------------------------------------------
 def section_graph(args, tr: Trainer, sync) -> None:
-    print("\n== 7. CUDA-graph capture of the outer step (prototype; J=3, Hessian, whole batch) ==")
+    print("\n== 7. CUDA-graph capture of the outer step (auxframe.weighting.graphed; J=3, Hessian, whole batch) ==")
     if tr.device.type != "cuda":
         print("  skipped: needs --device cuda")
         return
     from auxframe.weighting.auxilearn import _restore_batchnorm_mode, _set_batchnorm_mode
+    from auxframe.weighting.graphed import GraphedHypergradient
 
+    w = tr.weighting
     saved = _set_batchnorm_mode(tr.model, True)
     try:
-        graphed = GraphedOuter(tr)
-
-        def check() -> float:  # (its graphs die with it: capture needs no live graph from another stream)
-            train_loss, outer = graphed.losses()
-            ref = hypergrad.hypergradient(train_loss, outer, graphed.inner, graphed.phi, neumann_terms=3,
-                                          alpha=graphed.alpha, mixed="vjp").grads
-            return max_rel_diff([g.detach() for g in graphed.compute()], [g.detach() for g in ref])
-
-        print(f"  check: prototype vs hypergrad.hypergradient: max relative difference {check():.1e}")
-        gc.collect()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                [g.detach() for g in graphed.compute()]
-            gc.collect()
-            with torch.cuda.graph(graph, stream=stream):
-                static = [g.detach() for g in graphed.compute()]
-        torch.cuda.current_stream().wait_stream(stream)
-        graph.replay()
-        sync()
-        eager = [g.detach() for g in graphed.compute()]
-        print(f"  check: replay vs eager: max relative difference {max_rel_diff(static, eager):.1e}")
-        del eager
+        batch, aux = tr.ctx.train_batch(), tr.ctx.aux_set_batch()
+        setting = (w, tr.model, w._inner_parameters(tr.ctx), tr.ctx.make_losses, batch, aux, w.alpha)
+        gc.collect()  # capture needs no live autograd graph from another stream
+        graph = GraphedHypergradient(*setting)  # captured
+        eager = GraphedHypergradient(*setting, capture=False)  # the same function, run eagerly
+        replayed = graph(batch, aux, w.alpha)[0]
+        print(f"  check: replay vs eager: max relative difference "
+              f"{max_rel_diff(replayed, eager(batch, aux, w.alpha)[0]):.1e} (the function itself is checked "
+              f"against hypergrad.hypergradient in tests/test_auxilearn.py)")
         t = defaultdict(list)
         for r in rounds(args.time_limit, args.rounds):
             t["inner"].append(timed(tr.inner_step, args.inner_steps, sync))
-            steps = {"eager": graphed.compute, "replay": graph.replay}
+            steps = {"eager": lambda: eager(batch, aux, w.alpha), "replay": lambda: graph(batch, aux, w.alpha)}
             for k in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
                 t[k].append(timed(steps[k], 3, sync))
         for k in ("eager", "replay"):
             print(f"  {k:6s} hypergradient: {1e3 * statistics.median(t[k]):.2f} ms = "
                   f"{spread([a / i for a, i in zip(t[k], t['inner'])])} inner steps")
-        del graph, graphed, static
+        del graph, eager
         # AuxiLearn's own cuda_graph=True against its eager outer step (mixed='vjp' for both)
         trainers = {flag: build_trainer(args, tr.device, make_auxilearn(args, cuda_graph=flag, mixed="vjp"))
                     for flag in (False, True)}
@@ -797,7 +743,7 @@ def section_graph(args, tr: Trainer, sync) -> None:
             print(f"  AuxiLearn outer step, cuda_graph={flag}: {spread(ratio[flag])} inner steps"
                   + (f" (graph captured: {captured})" if flag else ""))
         print(f"J=3 outer / inner with cuda_graph=True: {verdict(statistics.median(ratio[True]), GOAL_OUTER_J3)}")
-    except Exception as exc:  # a prototype: report what stops capture here
+    except Exception as exc:  # report what stops capture on this device
         print(f"  capture failed: {type(exc).__name__}: {str(exc)[:300]}")
     finally:
         _restore_batchnorm_mode(saved)
