@@ -39,6 +39,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself: DistributedDataParallel keeps it in ``.module``."""
+    return getattr(model, "module", model)
+
+
 def all_reduce_mean(tensors: Sequence[torch.Tensor]) -> None:
     """Replace each tensor, in place, by its mean over all processes (one flat collective).
 

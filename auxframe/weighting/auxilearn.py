@@ -43,6 +43,7 @@ import torch.nn as nn
 from auxframe import distributed, hypergrad
 from auxframe.errors import ConfigError
 from auxframe.weighting.base import StepContext, TaskLosses, Weighting, WeightingSetup
+from auxframe.weighting.gradients import has_dropout
 
 _INNER = ("shared", "all")
 _BN_MODES = ("train", "eval")
@@ -358,8 +359,7 @@ class AuxiLearn(Weighting):
             (self.aux_batches != 1, "aux_batches > 1"),
             (bool(self.generators), "label generators"),
             (distributed.is_distributed(), "torchrun (several processes)"),
-            (any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in _unwrap(ctx.model).modules()),
-             "dropout in the model"),
+            (has_dropout(distributed.unwrap(ctx.model)), "dropout in the model"),
         ]
         return next((why for blocked, why in reasons if blocked), None)
 
@@ -380,7 +380,7 @@ class AuxiLearn(Weighting):
             from auxframe.weighting.graphed import GraphedHypergradient
 
             try:
-                self._graphed = GraphedHypergradient(self, _unwrap(ctx.model), self._inner_parameters(ctx),
+                self._graphed = GraphedHypergradient(self, distributed.unwrap(ctx.model), self._inner_parameters(ctx),
                                                      ctx.make_losses, batch, aux_batch, self.alpha)
             except Exception as error:  # (CUDA errors of a failed capture, whatever their class)
                 self._graph_off = f"capture failed: {type(error).__name__}: {str(error).splitlines()[0]}"
@@ -399,12 +399,10 @@ class AuxiLearn(Weighting):
     def _forward_mode_usable(self, ctx: StepContext, losses: TaskLosses | None = None) -> bool:
         """Whether a second, forward-mode pass of the model reproduces the step's forward pass: no
         earlier failure, no active dropout (it would draw other masks), the inputs recorded."""
-        model = _unwrap(ctx.model)
         return (
             not self._forward_mode_failed
             and (losses is None or (losses.from_outputs is not None and all(t in losses.inputs for t in losses.names)))
-            and not any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training
-                        for m in model.modules())
+            and not has_dropout(distributed.unwrap(ctx.model), training_only=True)
         )
 
     def _mixed_mode(self, ctx: StepContext, losses: TaskLosses | None = None) -> str:
@@ -419,7 +417,7 @@ class AuxiLearn(Weighting):
                       tangents: list[torch.Tensor], read: Callable[[dict[str, torch.Tensor]], Any]) -> Any:
         """Run the model on ``losses``' inputs with W made dual along ``tangents`` (one forward-mode
         pass) and return ``read(outputs)``, called inside the dual level."""
-        model = _unwrap(ctx.model)
+        model = distributed.unwrap(ctx.model)
         names = {id(p): n for n, p in model.named_parameters()}
         # Copies of the buffers: the re-run must not move BatchNorm's running statistics.
         state = {n: b.clone() for n, b in model.named_buffers()}
@@ -462,7 +460,7 @@ class AuxiLearn(Weighting):
                 "weightings.auxilearn.curvature_fraction < 1 re-runs part of the training batch, but this "
                 "trainer's losses carry no inputs/targets; set curvature_fraction = 1.0."
             )
-        model = _unwrap(ctx.model)
+        model = distributed.unwrap(ctx.model)
         generator = torch.Generator().manual_seed(7_919 * (self.outer_steps + 1))
         outputs: dict[str, torch.Tensor] = {}
         targets: dict[str, torch.Tensor] = {}
@@ -557,9 +555,6 @@ class AuxiLearn(Weighting):
 class _ForwardModeUnsupported(RuntimeError):
     """An operation in the model or a loss has no forward-mode derivative."""
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
 
 
 def _groups_of(losses: TaskLosses) -> list[tuple[str, ...]]:

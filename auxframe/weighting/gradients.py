@@ -96,9 +96,6 @@ def last_shared_layer(backbone: nn.Module) -> list[nn.Parameter]:
     return last
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
-
 
 class TaskGradients:
     """Gradient quantities of one step's task losses, computed on demand and cached.
@@ -133,7 +130,7 @@ class TaskGradients:
         self.space = check_space(space, "TaskGradients")
         if jvp not in JVP_MODES:
             raise ConfigError(f"TaskGradients: jvp must be one of {JVP_MODES}, got {jvp!r}.")
-        self.model = _unwrap(ctx.model)
+        self.model = distributed.unwrap(ctx.model)
         if batched not in BATCHED:
             raise ConfigError(f"TaskGradients: batched must be one of {BATCHED}, got {batched!r}.")
         device = next(iter(ctx.shared_parameters)).device.type
@@ -380,7 +377,7 @@ class TaskGradients:
         if self.space == "representation":
             jac = self.jacobian(tasks)
             return jac @ torch.cat([x.reshape(-1) for x in v])
-        if self.jvp == "forward" and self.space == "shared" and not _has_dropout(self.model.backbone):
+        if self.jvp == "forward" and self.space == "shared" and not has_dropout(self.model.backbone):
             out = self._forward_inner_products(tasks, v)
         else:
             out = self._reverse_inner_products(tasks, v)
@@ -517,8 +514,11 @@ def _names_of(module: nn.Module, params: Sequence[nn.Parameter]) -> list[str]:
         ) from None
 
 
-def _has_dropout(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules())
+def has_dropout(module: nn.Module, training_only: bool = False) -> bool:
+    """Whether ``module`` holds dropout with p > 0 (with ``training_only``: in training mode), which a
+    second pass through it would draw other masks from."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and (m.training or not training_only)
+               for m in module.modules())
 
 
 def project_to_simplex(v: torch.Tensor, total: float) -> torch.Tensor:

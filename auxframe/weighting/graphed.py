@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Callable, Mapping
 import torch
 import torch.nn as nn
 
+from auxframe.hypergrad import _norm, _zeros_for_none  # the same list helpers as the eager computation
+
 if TYPE_CHECKING:  # pragma: no cover
     from auxframe.weighting.auxilearn import AuxiLearn
     from auxframe.weighting.base import TaskLosses
@@ -144,10 +146,3 @@ class GraphedHypergradient:
         return ([-m.detach() for m in mixed], torch.stack(norms).detach(), _norm(v).detach(), matrix.detach(),
                 outer.detach())
 
-
-def _zeros_for_none(grads, like) -> list[torch.Tensor]:
-    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like)]
-
-
-def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
