@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="auxframe",
         description="Auxiliary learning: train a main task better with auxiliary tasks.",
-        epilog="Example: auxframe run --gin gin_configs/quickstart.gin --gin-param 'train.steps=200'",
+        epilog="Example: auxframe run --gin quickstart.gin --gin-param 'train.steps=200'",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="more gin bindings, applied after --gin-param (as a W&B sweep agent passes them)")
 
     sweep = sub.add_parser("sweep", help="train a grid of gin parameter values, one run directory per point",
-                           epilog="Example: auxframe sweep --gin gin_configs/quickstart.gin --gin gin_configs/weightings/fixed.gin "
+                           epilog="Example: auxframe sweep --gin quickstart.gin --gin weightings/fixed.gin "
                                   "--grid \"weightings.fixed.weights={'parity': [0.1, 1.0], 'rotation': [0.0, 0.5]}\" --seeds 0 1")
     sweep.add_argument("--gin", action="append", required=True, metavar="FILE",
                        help="gin config file (repeatable; later files override earlier ones)")

@@ -6,13 +6,19 @@ those plugins are loaded from the registry and registered in gin. An unknown plu
 with its file and line and the closest existing name. Unknown parameters are errors
 (``skip_unknown=False``), reported with gin's file and line.
 
-Includes are resolved relative to the including file's folder and to the ``gin_configs`` folder
-that holds it, so ``include 'base/train.gin'`` works from any working directory.
+The shipped recipes live inside the package (``auxframe/configs/``). An ``include`` is looked up
+in the working directory, the including file's folder (and an enclosing ``configs`` or
+``gin_configs`` folder), then the package's recipes, so a gin file anywhere can
+``include 'base/train.gin'``. A package path (``include 'auxframe/configs/base/train.gin'``, or a
+plugin package's own ``'mypkg/configs/x.gin'``, whose folder has an ``__init__.py``) reads the
+file from that installed package through gin's resource reader, as dopamine's recipes do. On the command line, ``--gin quickstart.gin`` names a shipped recipe when no
+such file exists where you are (:func:`resolve_gin_file`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Sequence
@@ -27,20 +33,71 @@ _REFERENCE = re.compile(r"(?<![\w.])(" + "|".join(KINDS) + r")\.([A-Za-z_]\w*)")
 _INCLUDE = re.compile(r"^\s*include\s+['\"]([^'\"]+)['\"]")
 
 
+CONFIGS = Path(__file__).resolve().parent / "configs"
+"""The recipes shipped inside the package."""
+
+_CONFIG_ROOTS = ("configs", "gin_configs")
+
+
 def _folders_of(path: Path) -> list[Path]:
-    """A gin file's own folder and the enclosing ``gin_configs`` folder, if any."""
+    """A gin file's own folder and the enclosing ``configs`` / ``gin_configs`` folder, if any."""
     path = path.resolve()
-    return [path.parent] + [p for p in path.parents if p.name == "gin_configs" and p != path.parent]
+    return [path.parent] + [p for p in path.parents if p.name in _CONFIG_ROOTS and p != path.parent]
+
+
+def package_resource(name: str | Path) -> Path | None:
+    """The file a package path such as ``auxframe/configs/base/train.gin`` names, or None.
+
+    As gin's own resource reader reads it (``gin/resource_reader.py``): the folder is a Python package
+    (it has an ``__init__.py``), found without importing the package's modules.
+    """
+    import importlib.util
+
+    head, filename = os.path.split(str(name))
+    if not head or os.path.isabs(head) or not all(part.isidentifier() for part in head.split("/")):
+        return None
+    try:
+        spec = importlib.util.find_spec(head.replace("/", "."))
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    candidate = Path(spec.origin).parent / filename
+    return candidate if candidate.is_file() else None
 
 
 def _resolve_include(name: str, paths: Sequence[Path]) -> Path | None:
     p = Path(name)
     if p.is_absolute():
         return p if p.is_file() else None
-    for base in paths:
+    for base in [*paths, CONFIGS]:
         if (base / p).is_file():
             return base / p
-    return None
+    return package_resource(p)
+
+
+def resolve_gin_file(name: str | Path) -> Path:
+    """A ``--gin`` argument as a file: a path that exists, else a recipe shipped in the package
+    (``quickstart.gin``, ``experiments/digits_arml`` with or without ``.gin``), else a package path.
+
+    Raises:
+        ConfigError: nothing of that name exists; says where it looked and how to list the recipes.
+    """
+    p = Path(name)
+    if p.is_file():
+        return p
+    if not p.is_absolute():
+        stripped = Path(*p.parts[1:]) if p.parts and p.parts[0] in _CONFIG_ROOTS else p  # 'gin_configs/x.gin'
+        for candidate in (CONFIGS / stripped, CONFIGS / f"{stripped}.gin"):
+            if candidate.is_file():
+                return candidate
+        found = package_resource(p)
+        if found is not None:
+            return found
+    raise ConfigError(
+        f"gin file {name} does not exist (looked from {Path.cwd()} and among the shipped recipes in {CONFIGS}). "
+        f"`auxframe ls` lists the recipes; `auxframe cp RECIPE FILE` copies one to edit."
+    )
 
 
 def scan(gin_files: Sequence[str | Path], bindings: Sequence[str]) -> tuple[list[tuple[str, str, str]], list[Path]]:
@@ -100,9 +157,7 @@ def parse(gin_files: Sequence[str | Path], bindings: Sequence[str] = (), finaliz
     """
     import auxframe.experiment  # noqa: F401 - registers train, Task, TaskGraph, optimizers with gin
 
-    for f in gin_files:
-        if not Path(f).is_file():
-            raise ConfigError(f"gin file {f} does not exist (looked from {Path.cwd()}).")
+    gin_files = [resolve_gin_file(f) for f in gin_files]
     gin.clear_config()
     references, paths = scan(gin_files, bindings)
     try:
@@ -111,7 +166,7 @@ def parse(gin_files: Sequence[str | Path], bindings: Sequence[str] = (), finaliz
         if type(err) is PluginError:  # unknown or ambiguous name: a config mistake
             raise ConfigError(str(err)) from None
         raise
-    for p in paths:
+    for p in [*paths, CONFIGS]:
         if str(p) not in gin_config._LOCATION_PREFIXES:  # noqa: SLF001
             gin.add_config_file_search_path(str(p))
     quiet = _DropGinPathProbes()

@@ -99,9 +99,9 @@ def train(
     Returns:
         The final metrics (also written to ``run_dir/metrics.json``).
     """
-    _require(dataset, "dataset", "@datasets.digits()", "gin_configs/datasets/digits.gin")
-    _require(tasks, "tasks", "@TaskGraph()", "gin_configs/tasks/digits_attributes.gin")
-    _require(backbone, "backbone", "@backbones.small_cnn", "gin_configs/models/small_cnn.gin")
+    _require(dataset, "dataset", "@datasets.digits()", "datasets/digits.gin")
+    _require(tasks, "tasks", "@TaskGraph()", "tasks/digits_attributes.gin")
+    _require(backbone, "backbone", "@backbones.small_cnn", "models/small_cnn.gin")
     _check_positive(steps=steps, batch_size=batch_size, log_every=log_every, eval_batch_size=eval_batch_size)
     launch = distributed.init_from_env(resolve_device(device))
     run: rundir.RunDir | None = None  # rank 0's handle on the run directory

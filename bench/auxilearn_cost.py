@@ -1,6 +1,6 @@
 """AuxiLearn cost: what an outer step costs next to an inner step, and what it does to training speed.
 
-Everything runs on the quickstart experiment (``gin_configs/quickstart.gin``: digits, the
+Everything runs on the quickstart experiment (``auxframe/configs/quickstart.gin``: digits, the
 ``datasets/digits.gin`` split, ``small_cnn`` 32-64-64, digit + rotation + parity + ge5, Adam lr 1e-3
 weight decay 5e-4, batch 32), built from Python with ``framework_tax.build_auxframe`` and given an
 ``AuxiLearn`` weighting (linear auxiliary network, ``alpha='auto'``, Neumann series). Sections:
@@ -766,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha", default="auto", help="AuxiLearn alpha: 'auto' (default) or a number")
     p.add_argument("--batch-size", type=int, default=32, help="batch size of every pool (quickstart: 32)")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="as gin_configs/base/train.gin")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="as auxframe/configs/base/train.gin")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--mixed", default="auto", help="AuxiLearn mixed: auto (default), forward, vjp, jacobian")

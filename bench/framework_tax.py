@@ -5,7 +5,7 @@ settings, on the same batches (each side draws from its own, identically seeded 
 data cost is identical); the only difference is who runs the step:
 
 * **auxframe**: ``Trainer.inner_step()`` (TaskLosses, ``Equal.backward``, dict plumbing, the
-  StepContext, the per-group signal call), set up from Python exactly as ``gin_configs/quickstart.gin``
+  StepContext, the per-group signal call), set up from Python exactly as ``auxframe/configs/quickstart.gin``
   sets it up (digits, the ``datasets/digits.gin`` split, ``small_cnn`` 32-64-64, Adam lr 1e-3 with
   weight decay 5e-4, batch 32 for every pool).
 * **hand-written**: a plain loop that forwards the backbone once per batch group, applies the
@@ -57,7 +57,7 @@ from auxframe.weighting.fixed import Equal
 
 GOAL = 1.05
 
-#: --tasks: which task graph (names as in gin_configs/tasks/).
+#: --tasks: which task graph (names as in auxframe/configs/tasks/).
 #:   main        digits_main.gin        digit alone
 #:   attributes  digits_attributes.gin  digit + parity + ge5 + loops (one shared labelled batch)
 #:   all         digits_all.gin         digit + rotation + parity + ge5 (the quickstart)
@@ -88,7 +88,7 @@ def build_auxframe(args, device: torch.device):
     seed_everything(seed)
     dataset = digits()
     split = LowDataSplit(labels_per_class=10, aux_per_class=5, val_per_class=10,
-                         test_fraction=0.3, seed=0)(dataset)  # gin_configs/datasets/digits.gin
+                         test_fraction=0.3, seed=0)(dataset)  # auxframe/configs/datasets/digits.gin
     graph = make_graph(args.tasks)
     resolved = resolve_tasks(graph, dataset)
     backbone = functools.partial(SmallCNN, channels=(32, 64, 64), pool_after=(1,))
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--atol", type=float, default=1e-5, help="tolerance of the equality check (default 1e-5)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size of every pool (quickstart: 32)")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="as gin_configs/base/train.gin")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="as auxframe/configs/base/train.gin")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--tasks", choices=sorted(TASK_SETS), default="all", help="task graph (default: all, the quickstart's)")
     p.add_argument("--profile", action="store_true", help="afterwards, cProfile --profile-steps auxframe steps")

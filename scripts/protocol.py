@@ -42,33 +42,33 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "stl": Method("STL", "gin_configs/experiments/digits_stl.gin", "none"),
-    "stl_plus": Method("STL+", "gin_configs/experiments/digits_stl_plus.gin", "none (labels + aux set)"),
-    "equal_rotation": Method("Equal", "gin_configs/experiments/digits_equal_rotation.gin", "rotation"),
-    "equal_attributes": Method("Equal", "gin_configs/experiments/digits_equal_attributes.gin", "parity, ge5, loops"),
-    "equal_all": Method("Equal", "gin_configs/quickstart.gin", "rotation, parity, ge5"),
-    "auxilearn_linear": Method("AuxiLearn (linear)", "gin_configs/experiments/digits_auxilearn_linear.gin",
+    "stl": Method("STL", "experiments/digits_stl.gin", "none"),
+    "stl_plus": Method("STL+", "experiments/digits_stl_plus.gin", "none (labels + aux set)"),
+    "equal_rotation": Method("Equal", "experiments/digits_equal_rotation.gin", "rotation"),
+    "equal_attributes": Method("Equal", "experiments/digits_equal_attributes.gin", "parity, ge5, loops"),
+    "equal_all": Method("Equal", "quickstart.gin", "rotation, parity, ge5"),
+    "auxilearn_linear": Method("AuxiLearn (linear)", "experiments/digits_auxilearn_linear.gin",
                                "rotation, parity, ge5"),
-    "auxilearn_nonlinear": Method("AuxiLearn (nonlinear)", "gin_configs/experiments/digits_auxilearn_nonlinear.gin",
+    "auxilearn_nonlinear": Method("AuxiLearn (nonlinear)", "experiments/digits_auxilearn_nonlinear.gin",
                                   "rotation, parity, ge5"),
-    **{key: Method(label, f"gin_configs/experiments/digits_{key}.gin", "rotation, parity, ge5") for key, label in [
+    **{key: Method(label, f"experiments/digits_{key}.gin", "rotation, parity, ge5") for key, label in [
         ("arml", "ARML"), ("uncertainty", "Uncertainty"), ("adaloss", "AdaLoss"), ("dwa", "DWA"),
         ("gradnorm", "GradNorm"), ("gcs", "GCS"), ("ol_aux", "OL_AUX"), ("pcgrad", "PCGrad")]},
     # AuxiLearn with its Hessian-vector products on a random part of each training batch
     # (weightings.auxilearn.curvature_fraction): the speed/accuracy trade-off of that option.
     **{f"auxilearn_{net}_cf{pct}": Method(f"AuxiLearn ({net}, curvature on {pct}%)",
-                                          f"gin_configs/experiments/digits_auxilearn_{net}.gin", "rotation, parity, ge5",
+                                          f"experiments/digits_auxilearn_{net}.gin", "rotation, parity, ge5",
                                           (f"weightings.auxilearn.curvature_fraction = {pct / 100}",))
        for net in ("linear", "nonlinear") for pct in (100, 50, 25)},
     # ... and with Gauss-Newton curvature (weightings.auxilearn.curvature = 'gauss_newton').
     **{f"auxilearn_{net}_gn": Method(f"AuxiLearn ({net}, Gauss-Newton)",
-                                     f"gin_configs/experiments/digits_auxilearn_{net}.gin", "rotation, parity, ge5",
+                                     f"experiments/digits_auxilearn_{net}.gin", "rotation, parity, ge5",
                                      ("weightings.auxilearn.curvature = 'gauss_newton'",))
        for net in ("linear", "nonlinear")},
-    "s4l_equal": Method("Equal", "gin_configs/experiments/digits_s4l_arml.gin", "rotation, exemplar",
+    "s4l_equal": Method("Equal", "experiments/digits_s4l_arml.gin", "rotation, exemplar",
                         ("train.weighting = @weightings.equal()",)),
-    "s4l_arml": Method("ARML", "gin_configs/experiments/digits_s4l_arml.gin", "rotation, exemplar"),
-    "generated_labels": Method("Generated labels (AuxiLearn)", "gin_configs/experiments/digits_generated_labels.gin",
+    "s4l_arml": Method("ARML", "experiments/digits_s4l_arml.gin", "rotation, exemplar"),
+    "generated_labels": Method("Generated labels (AuxiLearn)", "experiments/digits_generated_labels.gin",
                                "generated: 5 per digit, no hand-made task"),
 }
 

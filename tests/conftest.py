@@ -1,4 +1,4 @@
-"""Shared fixtures: W&B disabled, gin cleared around each test, the repo's gin_configs path."""
+"""Shared fixtures: W&B disabled, gin cleared around each test, the shipped recipes' folder."""
 
 from __future__ import annotations
 

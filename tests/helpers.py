@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-GIN = REPO / "gin_configs"
+GIN = REPO / "auxframe" / "configs"
 
 
 

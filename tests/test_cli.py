@@ -185,7 +185,7 @@ def test_two_processes_in_one_run_directory(capsys, tmp_path):
 def test_readme_commands_are_the_ones_ci_runs():
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
-    assert "auxframe run --gin gin_configs/quickstart.gin" in readme
+    assert "auxframe run --gin quickstart.gin" in readme
     assert "pytest" in ci and "pip install -e" in ci
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gin
 import pytest
 
 from auxframe import config
+from auxframe.errors import ConfigError
 from auxframe.experiment import train
 from fixtures_data import data_recipe_files
 from helpers import GIN, quick_bindings
@@ -55,3 +58,29 @@ def test_includes_resolve_from_any_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config.parse([GIN / "quickstart.gin"], quick_bindings(steps=1))
     assert gin.query_parameter("LowDataSplit.labels_per_class") == 10
+
+
+def test_a_gin_file_outside_the_package_includes_shipped_recipes(tmp_path, monkeypatch):
+    """A user's own file, in a folder of its own, includes the recipes by their short names and by
+    package path, as it would after `pip install auxframe`."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.gin").write_text(
+        "include 'base/train.gin'\n"
+        "include 'auxframe/configs/datasets/digits.gin'\n"
+        "include 'models/small_cnn.gin'\ninclude 'tasks/digits_all.gin'\n"
+        "LowDataSplit.labels_per_class = 7\n"
+    )
+    config.parse([tmp_path / "mine.gin"], quick_bindings(steps=1))
+    assert gin.query_parameter("LowDataSplit.labels_per_class") == 7
+    assert gin.query_parameter("train.steps") == 1
+
+
+def test_a_recipe_is_named_on_the_command_line_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert config.resolve_gin_file("quickstart.gin") == config.CONFIGS / "quickstart.gin"
+    assert config.resolve_gin_file("experiments/digits_arml") == config.CONFIGS / "experiments/digits_arml.gin"
+    assert config.resolve_gin_file("gin_configs/quickstart.gin") == config.CONFIGS / "quickstart.gin"
+    (tmp_path / "quickstart.gin").write_text("train.steps = 3\n")  # a local file wins over the recipe
+    assert config.resolve_gin_file("quickstart.gin") == Path("quickstart.gin")
+    with pytest.raises(ConfigError, match="auxframe ls"):
+        config.resolve_gin_file("no_such_recipe.gin")

@@ -43,7 +43,7 @@ The generator (all draws from ``numpy.random.default_rng(seed)``, in this order)
 9. ``adversarial_j = sector_{K_a}(u_j, psi_j)`` with ``psi_j ~ U[0, 2 pi)``, ``K_a = adversarial_classes``.
 
 Fields are named ``main``, ``helpful_0``, ..., ``redundant_0``, ..., ``noise_0``, ...,
-``adversarial_0``, ...; ``main_field`` is ``main``. ``gin_configs/experiments/synthetic_equal.gin``
+``adversarial_0``, ...; ``main_field`` is ``main``. ``auxframe/configs/experiments/synthetic_equal.gin``
 trains the main task with every planted task (Equal weighting); see ``docs/synthetic.md``.
 """
 
