@@ -135,6 +135,7 @@ class Trainer:
         self.loggers, self.progress = list(loggers), progress
         self.checkpoint_extra = dict(checkpoint_extra or {})
         self.nonfinite, self.skipped_steps, self.last_step_skipped = nonfinite, 0, False
+        self.weights_updated = False  # the weighting's after_step said a periodic update changed the weights
         self.step = 0
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.writes = self.rank == 0  # logs, progress bar and files come from rank 0 only
@@ -284,17 +285,20 @@ class Trainer:
             self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        if not self.last_step_skipped:
-            self.weighting.after_step(self.ctx)
+        self.weights_updated = not self.last_step_skipped and bool(self.weighting.after_step(self.ctx))
         return losses
 
-    def outer_step(self) -> None:
-        """The weighting's outer step, checked: a non-finite result stops the run, or is undone."""
+    def outer_step(self) -> bool:
+        """The weighting's outer step, checked: a non-finite result stops the run, or is undone.
+
+        Returns:
+            Whether it changed the weights (the weighting's answer; False when undone).
+        """
         saved = copy.deepcopy(self.weighting.state_dict()) if self.nonfinite == "skip" else None
-        self.weighting.outer_step(self.ctx)
+        updated = bool(self.weighting.outer_step(self.ctx))
         bad = self._nonfinite_weighting()
         if not bad:
-            return
+            return updated
         if saved is None:
             raise TrainingError(
                 f"the outer step after step {self.step} left non-finite values in the weighting "
@@ -303,6 +307,7 @@ class Trainer:
             )
         self.weighting.load_state_dict(saved)
         self.skipped_steps += 1
+        return False
 
     def fit(self) -> dict[str, Any]:
         """Train until ``schedule.steps``, evaluate on validation and test, return the metrics."""
@@ -320,8 +325,9 @@ class Trainer:
                 self.step += 1
                 means = None if self.last_step_skipped else losses.detached_means()
                 del losses  # no graph of this step outlives it (an outer step may capture a CUDA graph)
+                updated = self.weights_updated
                 if self.weighting.outer_every and self.step % self.weighting.outer_every == 0:
-                    self.outer_step()
+                    updated = self.outer_step() or updated
                 if means is not None:
                     for t, v in means.items():
                         acc[t] = acc[t] + v if t in acc else v
@@ -342,12 +348,10 @@ class Trainer:
                     if bar is not None:
                         bar.set_postfix_str(self._postfix(scalars, last_val), refresh=False)
                     acc, acc_n, interval_start = {}, 0, time.perf_counter()
-                elif getattr(self.weighting, "updated", False):  # a periodic update gets its own log row
+                elif updated:  # a periodic update gets its own log row
                     scalars = self.weighting.log_values()
                     self._check_weights(scalars)
                     self._log(scalars)
-                if getattr(self.weighting, "updated", False):
-                    self.weighting.updated = False
                 if s.eval_every and self.step % s.eval_every == 0 and self.step < s.steps:
                     last_val = self.evaluate("val")
                     self._track_best(last_val)

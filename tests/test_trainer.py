@@ -280,3 +280,90 @@ def test_best_state_is_the_model_of_that_step(tmp_path):
     assert best["step"] < 12
     short = run(None, steps=best["step"], **extra)
     assert best["test"] == short["test"]
+
+
+# -- the protocol's update signal: after_step / outer_step return True on a periodic update ------
+def _update_steps(weighting, steps, aux=("same", "noise")):
+    """The 0-based steps at which ``after_step`` said a periodic update changed the weights."""
+    from auxframe.weighting.base import StepContext
+    from test_arml import LinearTasks, info
+
+    problem = LinearTasks(list(aux))
+    weighting.setup(info(problem.model, list(aux)))
+    opt = torch.optim.SGD(problem.model.parameters(), lr=0.05)
+    said = []
+    for step in range(steps):
+        ctx = StepContext(step, problem.model, problem.model.shared_parameters(), train_losses=None)
+        opt.zero_grad()
+        weighting.backward(problem.losses(), ctx)
+        opt.step()
+        before = dict(weighting.weights())
+        answer = weighting.after_step(ctx)
+        assert answer in (None, True, False)
+        if answer:
+            said.append(step)
+        elif before != weighting.weights():  # a False/None answer must not hide a weight change
+            assert type(weighting).__name__ == "ARML"  # ARML's weights change in backward (below)
+    return said
+
+
+def test_periodic_updates_are_reported_by_after_steps_return_value():
+    from auxframe.weighting.arml import ARML
+    from auxframe.weighting.gradient_based import OLAux
+    from auxframe.weighting.loss_based import DWA, Uncertainty
+
+    assert _update_steps(ARML(update_every=3), 9) == [0, 3, 6]  # the weight step is in backward
+    assert _update_steps(OLAux(horizon=4), 12) == [3, 7, 11]
+    assert _update_steps(DWA(epoch_steps=2), 8) == [3, 5, 7]  # from the end of the second epoch
+    assert _update_steps(Uncertainty(), 4) == []  # trained with the model: no periodic update
+
+
+def test_ol_aux_weights_change_only_at_the_steps_it_reports():
+    from auxframe.weighting.base import StepContext
+    from auxframe.weighting.gradient_based import OLAux
+    from test_arml import LinearTasks, info
+
+    problem = LinearTasks(["same", "noise"])
+    ol = OLAux(horizon=3, weight_lr=0.5)
+    ol.setup(info(problem.model, ["same", "noise"]))
+    changed, said = [], []
+    for step in range(9):
+        ctx = StepContext(step, problem.model, problem.model.shared_parameters(), train_losses=None)
+        w = ol.current().clone()
+        ol.backward(problem.losses(), ctx)
+        assert torch.equal(w, ol.current())  # the step's own update uses the weights it started with
+        if ol.after_step(ctx):
+            said.append(step)
+        if not torch.equal(w, ol.current()):
+            changed.append(step)
+    assert said == changed == [2, 5, 8]
+
+
+@gin.register
+class UpdateEveryThird(Weighting):
+    """A weighting whose after_step reports an update at steps 2, 5, 8 (0-based)."""
+
+    def combine(self, losses, ctx):
+        return losses.means().sum()
+
+    def setup(self, info):
+        super().setup(info)
+        self.scale = 1.0
+
+    def after_step(self, ctx):
+        if ctx.step % 3 == 2:
+            self.scale += 1.0
+            return True
+        return None
+
+    def weights(self):
+        return {self.main_task: self.scale}
+
+
+def test_a_reported_update_gets_its_own_log_row(tmp_path):
+    run(tmp_path / "r", steps=9, **{"train.weighting": "@UpdateEveryThird()", "train.log_every": 100}, **CPU)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "scalars.jsonl").read_text().splitlines()]
+    updates = [(r["step"], r["weight/digit"]) for r in rows if "weight/digit" in r and "train/digit/loss" not in r]
+    assert updates == [(3, 2.0), (6, 3.0)]  # after steps 2, 5 (1-based 3, 6); step 9 is a log_every row
+    final = [r for r in rows if "train/digit/loss" in r]
+    assert [r["step"] for r in final] == [9] and final[0]["weight/digit"] == 4.0

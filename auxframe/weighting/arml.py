@@ -129,7 +129,6 @@ class ARML(Weighting):
         with torch.no_grad():
             self.w.copy_(project_to_simplex(self.w, float(len(self.aux_tasks))))
         self.updates += 1
-        self.updated = True  # every update gets its own log row
         self._logs = {"arml/objective": float(objective), "arml/weight_grad_norm": float(grad.norm())}
 
     # -- the protocol ----------------------------------------------------------------------------
@@ -149,13 +148,14 @@ class ARML(Weighting):
         total.backward()
         return total.detach()
 
-    def after_step(self, ctx: StepContext) -> None:
+    def after_step(self, ctx: StepContext) -> bool:
         if self.algorithm == "langevin" and ctx.step < self.burn_in:
             with torch.no_grad():
                 for p in ctx.model.parameters():
                     if p.requires_grad:
                         noise = torch.randn(p.shape, generator=self.noise_rng, device=p.device, dtype=p.dtype)
                         p.add_(noise, alpha=self.noise_std)
+        return ctx.step % self.update_every == 0  # backward took a weight step: it gets its own log row
 
     def weights(self) -> dict[str, float]:
         w = self.w.detach().tolist()

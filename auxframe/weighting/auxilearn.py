@@ -239,8 +239,12 @@ class AuxiLearn(Weighting):
         return list(self.tasks)
 
     # -- outer step ------------------------------------------------------------------------------
-    def outer_step(self, ctx: StepContext) -> None:
-        """One step of phi along the hypergradient of the auxiliary-set main loss."""
+    def outer_step(self, ctx: StepContext) -> bool:
+        """One step of phi along the hypergradient of the auxiliary-set main loss.
+
+        Returns:
+            True: every outer step changes the weights and gets its own log row.
+        """
         bn_modes = _set_batchnorm_mode(ctx.model, self.outer_bn_mode == "train")
         try:
             graphed = self._graphed_step(ctx) if self.cuda_graph else None
@@ -253,6 +257,7 @@ class AuxiLearn(Weighting):
         else:
             result, matrix, outer_loss = self._eager_step(ctx, bn_modes)
         self._apply(result, matrix, outer_loss)
+        return True
 
     def _eager_step(self, ctx: StepContext, bn_modes) -> tuple[hypergrad.HypergradResult, torch.Tensor, torch.Tensor]:
         try:
@@ -278,7 +283,6 @@ class AuxiLearn(Weighting):
         self.outer_optimizer.zero_grad(set_to_none=True)
         self.auxnet.project_()
         self.outer_steps += 1
-        self.updated = True  # every outer step gets its own log row
         self._weights = self._effective_weights(matrix.detach())
         self._logs.update({
             "auxilearn/hypergrad_norm": norm,

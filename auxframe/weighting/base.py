@@ -6,9 +6,11 @@ calls, per inner step::
     losses = TaskLosses(...)                 # unreduced per-task losses of this step
     weighting.backward(losses, ctx)          # default: combine(losses, ctx).backward()
     optimizer.step()
-    weighting.after_step(ctx)
+    updated = weighting.after_step(ctx)      # True: a periodic update changed the weights
     if weighting.outer_every and step % weighting.outer_every == 0:
-        weighting.outer_step(ctx)            # bilevel methods: hypergradient on the aux set
+        updated = weighting.outer_step(ctx) or updated  # bilevel: hypergradient on the aux set
+    if updated:
+        log(weighting.log_values())          # a periodic update gets its own log row
 
 Everything a method needs is passed explicitly: :class:`WeightingSetup` once, :class:`StepContext`
 every step. A method that manipulates gradients (PCGrad) overrides :meth:`Weighting.backward`; a
@@ -181,13 +183,14 @@ class Weighting:
 
     Attributes:
         outer_every: run :meth:`outer_step` every this many inner steps; 0 for none.
-        updated: set it to True in a step where a periodic update changed the weights (ARML's
-            weight step, an outer step, DWA's epoch): the trainer then logs :meth:`log_values`
-            at that step, between its log intervals too, and resets it.
+
+    :meth:`after_step` and :meth:`outer_step` return True in a step where a periodic update
+    changed the weights (ARML's weight step, an outer step, DWA's epoch): the trainer then logs
+    :meth:`log_values` at that step, between its log intervals too. They return None (or False)
+    otherwise.
     """
 
     outer_every: int = 0
-    updated: bool = False
 
     def setup(self, info: WeightingSetup) -> None:
         """Called once before training (and before :meth:`load_state_dict` on resume)."""
@@ -215,11 +218,23 @@ class Weighting:
         total.backward()
         return total.detach()
 
-    def after_step(self, ctx: StepContext) -> None:
-        """Called after the optimizer step (e.g. to project weights, or update per epoch)."""
+    def after_step(self, ctx: StepContext) -> bool | None:
+        """Called after the optimizer step (e.g. to project weights, or update per epoch).
 
-    def outer_step(self, ctx: StepContext) -> None:
-        """Called every :attr:`outer_every` inner steps, when that is non-zero."""
+        Returns:
+            True when a periodic update changed the weights in this step (the trainer then logs
+            :meth:`log_values` at this step); None or False otherwise.
+        """
+        return None
+
+    def outer_step(self, ctx: StepContext) -> bool | None:
+        """Called every :attr:`outer_every` inner steps, when that is non-zero.
+
+        Returns:
+            True when the step changed the weights (the trainer then logs :meth:`log_values` at
+            this step); None or False otherwise.
+        """
+        return None
 
     def weights(self) -> dict[str, float]:
         """The current weight of each task, for progress bars and logs."""

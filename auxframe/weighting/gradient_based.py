@@ -243,14 +243,17 @@ class OLAux(_Coefficients):
         self.acc += engine.gramian(self.names)[0, 1:]
         self.count += 1
         w = self.w
-        total = engine.backward(dict(zip(self.names, w)), dict(zip(self.names, w)))
-        if self.count == self.horizon:
-            new = self.w[1:] + self.weight_lr * self.acc / self.count
-            self.w = torch.cat([self.w[:1], new.clamp_min(0) if self.nonnegative else new])
-            self.acc.zero_()
-            self.count = 0
-            self.updated = True
-        return total.detach()
+        return engine.backward(dict(zip(self.names, w)), dict(zip(self.names, w))).detach()
+
+    def after_step(self, ctx: StepContext) -> bool:
+        """Every ``horizon`` steps, move the weights along the horizon's mean inner products."""
+        if self.count < self.horizon:
+            return False
+        new = self.w[1:] + self.weight_lr * self.acc / self.count
+        self.w = torch.cat([self.w[:1], new.clamp_min(0) if self.nonnegative else new])
+        self.acc.zero_()
+        self.count = 0
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "acc": self.acc.clone(), "count": self.count}

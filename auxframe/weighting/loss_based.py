@@ -145,14 +145,15 @@ class DWA(VectorWeights):
         self.count += 1
         return total
 
-    def after_step(self, ctx: StepContext) -> None:
+    def after_step(self, ctx: StepContext) -> bool:
         if self.count < self.period:
-            return
+            return False
         self.history = [*self.history, self.sum / self.count][-2:]
         self.sum, self.count = torch.zeros_like(self.sum), 0
-        if len(self.history) == 2:
-            self.w = dwa_weights(self.history[1], self.history[0], self.temperature)
-            self.updated = True
+        if len(self.history) < 2:
+            return False
+        self.w = dwa_weights(self.history[1], self.history[0], self.temperature)
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         return {"w": self.w.clone(), "sum": self.sum.clone(), "count": self.count,

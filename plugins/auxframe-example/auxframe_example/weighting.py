@@ -94,7 +94,11 @@ class AuxAnneal(Weighting):
         return total
 
     def after_step(self, ctx: StepContext) -> None:
-        """Advance the schedule by one inner step."""
+        """Advance the schedule by one inner step.
+
+        A schedule changes the weight a little every step, which is no periodic update worth a
+        log row of its own (a weighting returns True for those), so this returns None.
+        """
         self.step += 1
 
     def weights(self) -> dict[str, float]:
