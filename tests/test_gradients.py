@@ -198,3 +198,46 @@ def test_backward_from_a_computed_jacobian_equals_the_backward_pass():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# -- the "Gramian -> weights" step -------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["MGDA", "IMTLG", "AlignedMTL"])
+def test_a_torchjd_gramian_weighting_plugs_into_the_engine_as_torchjd_aggregates(method):
+    # The reference is TorchJD's own aggregator on the explicit Jacobian (one autograd.grad per
+    # task): e.g. MGDA()(J) = MGDAWeighting()(J J^T) @ J. The engine computes J J^T, TorchJD maps
+    # it to weights, the engine writes w @ J into the backbone.
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    aggregator, weighting = getattr(aggregation, method), getattr(aggregation, f"{method}Weighting")
+    from auxframe.weighting.gramian import GramianWeighting
+
+    model, losses, ctx = make_step(seed=7)
+    jac = explicit_jacobian(losses, ctx.shared_parameters)
+    expected = aggregator()(jac)
+    expected_head = torch.autograd.grad(losses.mean("rot"), model.head_parameters("rot"), retain_graph=True)
+    weights, total = TaskGradients(losses, ctx).gramian_backward(TASKS, weighting())
+    got = torch.cat([p.grad.reshape(-1) for p in ctx.shared_parameters])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+    assert weights.shape == (4,) and not weights.requires_grad
+    for g, p in zip(expected_head, model.head_parameters("rot")):  # each head on its own loss
+        torch.testing.assert_close(p.grad, g)
+    torch.testing.assert_close(total, losses.means(TASKS).sum().detach())
+
+    # the same through a weighting plugin built on the seam, in the trainer's protocol
+    from auxframe.weighting.base import WeightingSetup
+
+    model, losses, ctx = make_step(seed=7)
+    plugin = GramianWeighting(weighting())
+    plugin.setup(WeightingSetup("main", TASKS[1:], model, ctx.shared_parameters, torch.device("cpu"), 1, 1))
+    plugin.backward(losses, ctx)
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in ctx.shared_parameters]), got)
+    torch.testing.assert_close(plugin.w, weights)
+
+
+def test_a_gramian_weighting_of_the_wrong_shape_is_named():
+    model, losses, ctx = make_step(seed=8)
+
+    def first_row(gramian):
+        return gramian[0, 1:]
+
+    with pytest.raises(ConfigError, match=r"first_row returned \(3,\) for a \(4, 4\) Gramian.*shape \(4,\)"):
+        TaskGradients(losses, ctx).gramian_backward(TASKS, first_row)

@@ -2,7 +2,8 @@
 
 All four read the per-task gradients only through inner products (norms, cosines, projections),
 which :class:`auxframe.weighting.gradients.TaskGradients` computes once per step in the space the
-method works in; once the coefficients are known the update is one ordinary backward pass.
+method works in; once the coefficients are known the update is one ordinary backward pass. GCS and
+PCGrad are pure "Gramian -> weights" maps (:class:`auxframe.weighting.gramian.GramianWeighting`).
 """
 
 from __future__ import annotations
@@ -12,24 +13,20 @@ from typing import Any, Callable, Mapping
 import torch
 
 from auxframe.errors import ConfigError
-from auxframe.weighting.base import StepContext, TaskLosses, VectorWeights, WeightingSetup
-from auxframe.weighting.gradients import TaskGradients, check_space
+from auxframe.weighting.base import StepContext, TaskLosses, WeightingSetup
+from auxframe.weighting.gradients import check_space
+from auxframe.weighting.gramian import GramianWeighting
 
 _EPS = 1e-12
 
 
-class _Coefficients(VectorWeights):
+class _Coefficients(GramianWeighting):
     """Shared methods of the gradient-based weightings: per-task coefficients over ``[main, *aux]``."""
-
-    space = "shared"
 
     def setup(self, info: WeightingSetup) -> None:
         super().setup(info)
         if not self.aux_tasks:
             raise ConfigError(f"{type(self).__name__} weighs auxiliary tasks, but the task graph has none; use weightings.stl.")
-
-    def engine(self, losses: TaskLosses, ctx: StepContext) -> TaskGradients:
-        return TaskGradients.of(losses, ctx, space=self.space)
 
 
 class GradNorm(_Coefficients):
@@ -141,10 +138,7 @@ class GCS(_Coefficients):
         c = (cos >= 0).to(gramian.dtype) if self.mode == "hard" else cos.clamp_min(0)
         return torch.cat([torch.ones_like(c[:1]), c])
 
-    def backward(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
-        engine = self.engine(losses, ctx)
-        self.w = self.coefficients(engine.gramian(self.names)).detach()
-        return engine.backward(dict(zip(self.names, self.w)))
+    from_gramian = coefficients
 
 
 class PCGrad(_Coefficients):
@@ -188,11 +182,9 @@ class PCGrad(_Coefficients):
                     a[i, j] -= dot / gram[j, j]
         return a
 
-    def backward(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
-        engine = self.engine(losses, ctx)
-        gram = engine.gramian(self.names)
-        self.w = self.projection(gram).sum(0).to(gram)
-        return engine.backward(dict(zip(self.names, self.w)))
+    def from_gramian(self, gramian: torch.Tensor) -> torch.Tensor:
+        """The update's coefficients: the sum of the projected gradients' rows of :meth:`projection`."""
+        return self.projection(gramian).sum(0).to(gramian)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "rng": self.rng.get_state()}

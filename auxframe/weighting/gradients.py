@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -60,6 +60,11 @@ from auxframe import distributed
 from auxframe.errors import ConfigError
 from auxframe.weighting.base import StepContext, TaskLosses
 from auxframe.weighting.batched_backward import Unsupported, batched_vjp
+
+#: The "Gramian -> weights" step: the ``(T, T)`` Gramian of the tasks' gradients to ``(T,)`` weights,
+#: a pure function. TorchJD's Gramian weightings (``torchjd.aggregation.UPGradWeighting()``, ...)
+#: are such callables. See :meth:`TaskGradients.gramian_backward`.
+GramianToWeights = Callable[[torch.Tensor], torch.Tensor]
 
 SPACES = ("shared", "last_shared", "representation")
 JVP_MODES = ("forward", "reverse")
@@ -306,6 +311,40 @@ class TaskGradients:
         """``||g_k||`` for each task, ``(T,)``."""
         return self.gramian(tasks).diagonal().clamp_min(0).sqrt()
 
+    def gramian_backward(
+        self,
+        tasks: Sequence[str],
+        weighting: GramianToWeights,
+        heads: Mapping[str, float | torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The "Gramian -> weights" step: ``w = weighting(G)``, then ``sum_k w_k g_k`` into ``.grad``.
+
+        The engine computes the Gramian ``G`` of ``tasks``' gradients (cached for the step),
+        ``weighting`` maps it to one weight per task - a pure function of ``G``, run without
+        gradient; a TorchJD ``Weighting`` such as ``torchjd.aggregation.UPGradWeighting()`` is
+        one - and :meth:`backward` applies the combination. In parameter space the Jacobian that
+        gave ``G`` also gives the update (``w @ J``), so the step costs the Jacobian and no further
+        pass through the backbone. This is TorchJD's
+        ``GramianWeightedAggregator(weighting << compute_gramian)`` with auxframe computing the
+        Gramian. Under torchrun ``G`` is averaged over the ranks first, so a deterministic
+        ``weighting`` gives every rank the same weights.
+
+        Args:
+            tasks: the tasks, in the order of ``G``'s rows (``[main, *aux]`` for the built-ins).
+            weighting: ``(T, T) Gramian -> (T,) weights``.
+            heads: task -> weight of its loss for its own head (default 1: each head trains on
+                its own loss, as in TorchJD's ``mtl_backward``).
+
+        Returns:
+            ``(weights, loss)``: the weights (detached, on ``G``'s device) and the head-weighted
+            loss (detached, for logging).
+
+        Raises:
+            ConfigError: ``weighting`` does not return one weight per task.
+        """
+        weights = weights_from_gramian(weighting, self.gramian(tasks))
+        return weights, self.backward(dict(zip(tasks, weights)), heads)
+
     # -- gradients and inner products ------------------------------------------------------------
     def gradient(self, coefficients: Mapping[str, float | torch.Tensor]) -> list[torch.Tensor]:
         """``sum_k c_k g_k`` in the space, as a list of tensors (one per parameter; in
@@ -489,6 +528,24 @@ class TaskGradients:
             if key and key[0] != "gramian" and needed <= set(key):
                 return key
         return None
+
+
+def weights_from_gramian(weighting: GramianToWeights, gramian: torch.Tensor) -> torch.Tensor:
+    """``weighting(gramian)`` without gradient, checked to be one weight per row of ``gramian``.
+
+    Raises:
+        ConfigError: the result is not a tensor of shape ``(T,)``.
+    """
+    with torch.no_grad():
+        weights = weighting(gramian.detach())
+    if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (gramian.shape[0],):
+        got = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+        raise ConfigError(
+            f"the Gramian weighting {getattr(weighting, '__qualname__', type(weighting).__name__)} returned "
+            f"{got} for a {tuple(gramian.shape)} Gramian; it must return one weight per task, a tensor of "
+            f"shape ({gramian.shape[0]},)."
+        )
+    return weights.detach().to(gramian.device)
 
 
 def _coefficients(values: Sequence[float | torch.Tensor], like: torch.Tensor) -> torch.Tensor:
