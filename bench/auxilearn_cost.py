@@ -702,19 +702,18 @@ def section_graph(args, tr: Trainer, sync) -> None:
         print("  skipped: needs --device cuda")
         return
     from auxframe.weighting.auxilearn import _restore_batchnorm_mode, _set_batchnorm_mode
-    from auxframe.weighting.graphed import GraphedHypergradient
 
     w = tr.weighting
     saved = _set_batchnorm_mode(tr.model, True)
     try:
         batch, aux = tr.ctx.train_batch(), tr.ctx.aux_set_batch()
-        setting = (w, tr.model, w._inner_parameters(tr.ctx), tr.ctx.make_losses, batch, aux, w.alpha)
+        setting = (tr.model, w._inner_parameters(tr.ctx), tr.ctx.make_losses, batch, aux)
         gc.collect()  # capture needs no live autograd graph from another stream
-        graph = GraphedHypergradient(*setting)  # captured
-        eager = GraphedHypergradient(*setting, capture=False)  # the same function, run eagerly
-        replayed = graph(batch, aux, w.alpha)[0]
+        graph = w.graph(*setting)  # captured
+        eager = w.graph(*setting, capture=False)  # the same function, run eagerly
+        replayed = graph(batch, aux, w.alpha)[0].grads
         print(f"  check: replay vs eager: max relative difference "
-              f"{max_rel_diff(replayed, eager(batch, aux, w.alpha)[0]):.1e} (the function itself is checked "
+              f"{max_rel_diff(replayed, eager(batch, aux, w.alpha)[0].grads):.1e} (the function itself is checked "
               f"against hypergrad.hypergradient in tests/test_auxilearn.py)")
         t = defaultdict(list)
         for r in rounds(args.time_limit, args.rounds):

@@ -294,7 +294,7 @@ def test_forward_mode_mixed_term_equals_the_backward_one(auxnet):
     backward = step.hypergradient(step.weighting(auxnet=auxnet, mixed="vjp"))
     assert backward.norm() > 1e-6
     assert ((forward - backward).norm() / backward.norm()).item() < 1e-8
-    assert step.weighting(auxnet=auxnet)._mixed_mode(step.ctx, step.losses()) == "forward"  # what 'auto' picks
+    assert step.weighting(auxnet=auxnet).path.mixed == "forward"  # what 'auto' picks
 
 
 def test_an_op_without_forward_mode_falls_back_to_the_backward_mixed_term():
@@ -302,7 +302,7 @@ def test_an_op_without_forward_mode_falls_back_to_the_backward_mixed_term():
     w = step.weighting(auxnet="linear")
     with pytest.warns(RuntimeWarning, match="forward-mode pass through the model failed"):
         fallback = step.hypergradient(w)
-    assert w._mixed_mode(step.ctx, step.losses()) == "vjp"  # from then on
+    assert w.path.mixed == "vjp" and not w.path.uses_forward_mode  # from then on
     expected = step.hypergradient(step.weighting(auxnet="linear", mixed="vjp"))
     assert torch.allclose(fallback, expected, rtol=1e-10, atol=0)
 
@@ -371,9 +371,9 @@ def test_gauss_newton_products_by_forward_mode_equal_the_double_vjp_ones():
     step = _Step()
     fast = step.hypergradient(step.weighting(auxnet="nonlinear", curvature="gauss_newton"))
     w = step.weighting(auxnet="nonlinear", curvature="gauss_newton")
-    assert "output_jvp" in w._curvature_args(step.losses(), step.ctx, w._inner_parameters(step.ctx), True)
-    w._forward_mode_failed = True  # what a model without forward-mode support gets
-    assert "output_jvp" not in w._curvature_args(step.losses(), step.ctx, w._inner_parameters(step.ctx), True)
+    assert "output_jvp" in w._curvature_args(step.losses(), step.ctx, w._inner_parameters(step.ctx))
+    w._forward_mode_off(None)  # what a model without forward-mode support gets
+    assert "output_jvp" not in w._curvature_args(step.losses(), step.ctx, w._inner_parameters(step.ctx))
     slow = step.hypergradient(w)
     assert slow.norm() > 1e-6
     assert ((fast - slow).norm() / slow.norm()).item() < 1e-8
@@ -381,22 +381,20 @@ def test_gauss_newton_products_by_forward_mode_equal_the_double_vjp_ones():
 
 # -- the outer step captured in a CUDA graph (the captured function, checked here on the CPU) -------
 def test_the_graphed_hypergradient_computes_what_hypergradient_computes():
-    from auxframe.weighting.graphed import GraphedHypergradient
-
     step = _Step()
     for scale in (False, True):
         w = step.weighting(auxnet="nonlinear", mixed="vjp", scale_by_alpha=scale)
         batch = {("main", "parity"): (step.x["a"], {t: step.targets[t] for t in ("main", "parity")}),
                  ("rotation",): (step.x["b"], {"rotation": step.targets["rotation"]})}
         inner = w._inner_parameters(step.ctx)
-        graphed = GraphedHypergradient(w, step.model, inner, step.from_outputs, batch, (step.x_aux, step.y_aux),
-                                       alpha=0.05, capture=False)
-        grads, norms, v_norm, matrix, outer = graphed(batch, (step.x_aux, step.y_aux), 0.05)
+        graphed = w.graph(step.model, inner, step.from_outputs, batch, (step.x_aux, step.y_aux), capture=False)
+        result, matrix, outer = graphed(batch, (step.x_aux, step.y_aux), 0.05)
         expected = hypergrad_of(step, w)
-        got = torch.cat([g.reshape(-1) for g in grads])
+        got = torch.cat([g.reshape(-1) for g in result.grads])
         assert ((got - torch.cat([g.reshape(-1) for g in expected.grads])).norm() / got.norm()).item() < 1e-10
-        assert norms.tolist() == pytest.approx(expected.term_norms, rel=1e-10)
-        assert float(v_norm) == pytest.approx(expected.outer_grad_norm, rel=1e-10)
+        assert result.term_norms == pytest.approx(expected.term_norms, rel=1e-10)
+        assert result.outer_grad_norm == pytest.approx(expected.outer_grad_norm, rel=1e-10)
+        assert result.diverging == expected.diverging
         assert torch.allclose(outer, step.aux_losses().mean("main"))
         assert graphed.fits(batch, (step.x_aux, step.y_aux))
         assert not graphed.fits(batch, (step.x_aux[:5], step.y_aux[:5]))  # another shape: eager instead
@@ -416,3 +414,29 @@ def test_cuda_graph_where_it_does_not_apply_says_why_once_and_trains_eagerly(tmp
         result = run(tmp_path / "s", steps=6, **{"weightings.auxilearn.cuda_graph": "True", "train.device": "'cpu'"})
     assert len([w for w in record if "cuda_graph" in str(w.message)]) == 1
     assert result["steps"] == 6
+
+
+def test_the_execution_path_is_chosen_at_setup():
+    from auxframe.models.backbones import MLP
+    from auxframe.models.heads import ClassificationHead
+    from auxframe.models.multitask import MultiTaskModel
+    from auxframe.weighting.base import WeightingSetup
+
+    def setup(model, **kwargs):
+        w = AuxiLearn(**kwargs)
+        w.setup(WeightingSetup("main", ["a"], model, model.shared_parameters(), torch.device("cpu"),
+                               total_steps=10, steps_per_epoch=1, has_aux_set=True))
+        return w.path
+
+    def model(dropout):
+        backbone = MLP((1, 4, 4), hidden=(6,), dropout=dropout)
+        return MultiTaskModel(backbone, {t: ClassificationHead((6,), 2) for t in ("main", "a")})
+
+    assert setup(model(0.0)).mixed == "forward" and not setup(model(0.0)).light
+    assert setup(model(0.0), curvature_fraction=0.5).light  # no graph through the training batch's forward
+    assert setup(model(0.3)).mixed == "vjp"  # dropout: a forward-mode re-run would draw other masks
+    assert not setup(model(0.3), curvature="gauss_newton").forward_gauss_newton
+    assert setup(model(0.0), curvature="gauss_newton").forward_gauss_newton
+    assert setup(model(0.0), mixed="jacobian").mixed == "jacobian"
+    with pytest.raises(ConfigError, match="mixed = 'forward' re-runs the model.*active dropout"):
+        setup(model(0.3), mixed="forward")

@@ -32,6 +32,7 @@ Example (gin)::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any, Callable, Mapping
@@ -44,6 +45,7 @@ from auxframe import distributed, hypergrad
 from auxframe.errors import ConfigError
 from auxframe.weighting.base import StepContext, TaskLosses, Weighting, WeightingSetup
 from auxframe.weighting.gradients import has_dropout
+from auxframe.weighting.graphed import GraphedHypergradient
 
 _INNER = ("shared", "all")
 _BN_MODES = ("train", "eval")
@@ -159,9 +161,7 @@ class AuxiLearn(Weighting):
             )
         self.mixed, self.curvature_fraction = mixed, float(curvature_fraction)
         self.cuda_graph = bool(cuda_graph)
-        self._graphed = None  # the captured hypergradient (auxframe.weighting.graphed)
-        self._graph_off: str | None = None  # why capture is not used (said once)
-        self._forward_mode_failed = False
+        self._graphed: GraphedHypergradient | None = None  # the captured hypergradient
         self.learn_auxnet, self.generator_lr = bool(learn_auxnet), generator_lr
 
     # -- setup -----------------------------------------------------------------------------------
@@ -192,6 +192,7 @@ class AuxiLearn(Weighting):
         self._logs: dict[str, float] = {}
         probe = (1, len(self.tasks), 1, 1) if getattr(self.auxnet, "dense_input", False) else (1, len(self.tasks))
         self._weights = self._effective_weights(torch.ones(probe, device=info.device))
+        self.path = self._choose_path(info)
 
     # -- inner step ------------------------------------------------------------------------------
     def loss_matrix(self, losses: TaskLosses) -> torch.Tensor:
@@ -238,6 +239,59 @@ class AuxiLearn(Weighting):
     def tasks_needed(self) -> list[str]:
         return list(self.tasks)
 
+    # -- the execution path, chosen at setup ---------------------------------------------------------
+    def _choose_path(self, info: WeightingSetup) -> OuterPath:
+        """How outer steps are computed, from the settings and the model: once, at setup.
+
+        What only the first outer step can tell (whether the trainer records the inputs a
+        forward-mode pass needs, and offers the raw batches a CUDA graph copies in) and what fails
+        at run time (an operation without forward mode, a failed capture) narrow the path later,
+        once, with a warning (:meth:`_narrow`).
+        """
+        model = distributed.unwrap(info.model)
+        dropout = has_dropout(model, training_only=True)  # a second pass would draw other masks
+        if self.mixed == "forward" and (self.generators or dropout):
+            why = "label generators (their labels depend on phi)" if self.generators else "active dropout"
+            raise ConfigError(
+                f"weightings.auxilearn.mixed = 'forward' re-runs the model in forward mode, which does not "
+                f"reproduce this step with {why}; use mixed = 'auto' (it picks 'vjp' here) or 'vjp'."
+            )
+        if self.mixed == "auto":
+            mixed = "vjp" if self.generators or dropout else "forward"
+        else:
+            mixed = self.mixed
+        blockers = [
+            (info.device.type != "cuda", "the model is not on a CUDA device"),
+            (self.method != "neumann", f"method={self.method!r} (needs 'neumann')"),
+            (self.curvature != "hessian", f"curvature={self.curvature!r} (needs 'hessian')"),
+            (self.curvature_fraction < 1, "curvature_fraction < 1"),
+            (self.aux_batches != 1, "aux_batches > 1"),
+            (bool(self.generators), "label generators"),
+            (distributed.is_distributed(), "torchrun (several processes)"),
+            (has_dropout(model), "dropout in the model"),
+        ]
+        blocker = next((why for blocked, why in blockers if blocked), None)
+        if self.cuda_graph and blocker is not None:
+            warnings.warn(f"AuxiLearn: cuda_graph=True does not apply here ({blocker}); outer steps run eagerly.",
+                          RuntimeWarning, stacklevel=3)
+        return OuterPath(
+            mixed=mixed,
+            forward_gauss_newton=self.curvature == "gauss_newton" and not dropout,
+            curvature_subset=self.curvature_fraction < 1,
+            graphed=self.cuda_graph and blocker is None,
+        )
+
+    def _narrow(self, message: str | None = None, **changes: Any) -> None:
+        """Leave a part of the execution path for the rest of the run (saying why, when ``message``)."""
+        self.path = dataclasses.replace(self.path, **changes)
+        if message:
+            warnings.warn(f"AuxiLearn: {message}", RuntimeWarning, stacklevel=3)
+
+    def _forward_mode_off(self, reason: str) -> None:
+        """No forward-mode passes from now on: the mixed term by vjp, Gauss-Newton products by double vjp."""
+        self._narrow(reason, mixed="vjp" if self.path.mixed == "forward" else self.path.mixed,
+                     forward_gauss_newton=False)
+
     # -- outer step ------------------------------------------------------------------------------
     def outer_step(self, ctx: StepContext) -> bool:
         """One step of phi along the hypergradient of the auxiliary-set main loss.
@@ -247,30 +301,22 @@ class AuxiLearn(Weighting):
         """
         bn_modes = _set_batchnorm_mode(ctx.model, self.outer_bn_mode == "train")
         try:
-            graphed = self._graphed_step(ctx) if self.cuda_graph else None
-        except BaseException:
-            _restore_batchnorm_mode(bn_modes)
-            raise
-        if graphed is not None:
-            result, matrix, outer_loss = graphed
-            _restore_batchnorm_mode(bn_modes)
-        else:
-            result, matrix, outer_loss = self._eager_step(ctx, bn_modes)
-        self._apply(result, matrix, outer_loss)
-        return True
-
-    def _eager_step(self, ctx: StepContext, bn_modes) -> tuple[hypergrad.HypergradResult, torch.Tensor, torch.Tensor]:
-        try:
-            # With the forward-mode mixed term and the curvature on a sub-batch, nothing is
-            # differentiated through the whole training batch's forward pass: run it without a graph.
-            light = self.curvature_fraction < 1 and self._mixed_mode(ctx) == "forward"
-            with torch.set_grad_enabled(not light):
-                train_losses = ctx.train_losses()
-            outer_loss = sum(ctx.aux_set_losses().mean(self.main_task) for _ in range(self.aux_batches)) / self.aux_batches
-            outer_loss = outer_loss + self._generator_regularizers(train_losses)
-            result, matrix = self.hypergradient(ctx, train_losses, outer_loss)
+            computed = self._graphed_step(ctx) if self.path.graphed else None
+            if computed is None:
+                computed = self._eager_step(ctx)
         finally:
             _restore_batchnorm_mode(bn_modes)
+        self._apply(*computed)
+        return True
+
+    def _eager_step(self, ctx: StepContext) -> tuple[hypergrad.HypergradResult, torch.Tensor, torch.Tensor]:
+        # With the forward-mode mixed term and the curvature on a sub-batch, nothing is
+        # differentiated through the whole training batch's forward pass: run it without a graph.
+        with torch.set_grad_enabled(not self.path.light):
+            train_losses = ctx.train_losses()
+        outer_loss = sum(ctx.aux_set_losses().mean(self.main_task) for _ in range(self.aux_batches)) / self.aux_batches
+        outer_loss = outer_loss + self._generator_regularizers(train_losses)
+        result, matrix = self.hypergradient(ctx, train_losses, outer_loss)
         return result, matrix, outer_loss
 
     def _apply(self, result: hypergrad.HypergradResult, matrix: torch.Tensor, outer_loss: torch.Tensor) -> None:
@@ -302,33 +348,36 @@ class AuxiLearn(Weighting):
         mode is the caller's. Updates alpha when ``alpha='auto'`` is due. Returns the result and
         the batch's loss matrix (for the effective weights).
         """
+        if self.path.uses_forward_mode and not _records_inputs(train_losses):
+            self._forward_mode_off("the trainer's losses carry no inputs to re-run the model in forward mode; "
+                                   "the mixed term and Gauss-Newton products use backward passes.")
+            train_losses = self._with_graph(ctx, train_losses)
         try:
-            return self._hypergradient(ctx, train_losses, outer_loss, forward_mode=True)
+            return self._hypergradient(ctx, train_losses, outer_loss)
         except _ForwardModeUnsupported as error:
-            self._forward_mode_failed = True
-            warnings.warn(
-                f"AuxiLearn: a forward-mode pass through the model failed ({error}); the mixed term and "
-                f"Gauss-Newton products use backward passes from now on (the same values, more time). "
-                f"weightings.auxilearn.mixed = 'vjp' skips the forward-mode mixed term from the start.",
-                RuntimeWarning, stacklevel=2,
+            self._forward_mode_off(
+                f"a forward-mode pass through the model failed ({error}); the mixed term and Gauss-Newton "
+                f"products use backward passes from now on (the same values, more time). "
+                f"weightings.auxilearn.mixed = 'vjp' skips the forward-mode mixed term from the start."
             )
-            if not self.loss_matrix(train_losses).requires_grad:  # a light outer step cannot go on
-                train_losses = ctx.train_losses()  # (a fresh batch, with its graph this time)
-            return self._hypergradient(ctx, train_losses, outer_loss, forward_mode=False)
+            return self._hypergradient(ctx, self._with_graph(ctx, train_losses), outer_loss)
+
+    def _with_graph(self, ctx: StepContext, train_losses: TaskLosses) -> TaskLosses:
+        """``train_losses``, or a fresh batch's with its graph where a light outer step drew it without."""
+        return train_losses if self.loss_matrix(train_losses).requires_grad else ctx.train_losses()
 
     def _hypergradient(
-        self, ctx: StepContext, train_losses: TaskLosses, outer_loss: torch.Tensor, forward_mode: bool
+        self, ctx: StepContext, train_losses: TaskLosses, outer_loss: torch.Tensor
     ) -> tuple[hypergrad.HypergradResult, torch.Tensor]:
-        """:meth:`hypergradient`, with forward-mode passes (mixed term, Gauss-Newton ``J v``) where
-        they apply, or none at all (``forward_mode=False``, after one failed)."""
+        """:meth:`hypergradient` along the current execution path."""
         matrix = self.loss_matrix(train_losses)
         train_loss = self.auxnet(matrix)
         inner = self._inner_parameters(ctx)
         curvature_losses, hessian_loss = train_losses, None
-        if self.curvature_fraction < 1:
+        if self.path.curvature_subset:
             curvature_losses = self._curvature_subset(ctx, train_losses)
             hessian_loss = self.auxnet(self.loss_matrix(curvature_losses))
-        curvature = self._curvature_args(curvature_losses, ctx, inner, forward_mode)
+        curvature = self._curvature_args(curvature_losses, ctx, inner)
         if self._alpha_due():
             top = hypergrad.top_eigenvalue(
                 train_loss if hessian_loss is None else hessian_loss, inner, seed=self.outer_steps,
@@ -338,85 +387,62 @@ class AuxiLearn(Weighting):
             # alpha * lambda < 2 for every positive eigenvalue (negative ones diverge regardless).
             self.alpha = hypergrad.safe_alpha(abs(top) if top != 0 else 1.0)
             self._logs["auxilearn/top_eigenvalue"] = top
-        mixed = self._mixed_mode(ctx, train_losses) if forward_mode else ("vjp" if self.mixed in ("auto", "forward") else self.mixed)
         options = dict(
             method=self.method, neumann_terms=self.neumann_terms,
             alpha=self.alpha if self.alpha is not None else 1.0,  # (unused by cg / exact)
             scale_by_alpha=self.scale_by_alpha, reduce=_reduce(), hessian_loss=hessian_loss, **curvature,
         )
-        if mixed == "forward":
+        if self.path.mixed == "forward":
             options.update(mixed="directional", directional=self._directional(ctx, train_losses, matrix, inner))
         else:
-            options.update(mixed=mixed)
+            options.update(mixed=self.path.mixed)
         return hypergrad.hypergradient(train_loss, outer_loss, inner, self.outer_params, **options), matrix
 
     # -- the outer step captured in a CUDA graph ---------------------------------------------------
-    def _graph_blocker(self, ctx: StepContext) -> str | None:
-        """Why this weighting's outer step cannot be replayed from a CUDA graph, or None."""
-        reasons = [
-            (next(iter(ctx.shared_parameters)).device.type != "cuda", "the model is not on a CUDA device"),
-            (ctx.train_batch is None or ctx.aux_set_batch is None or ctx.make_losses is None,
-             "the trainer offers no raw batches"),
-            (self.method != "neumann", f"method={self.method!r} (needs 'neumann')"),
-            (self.curvature != "hessian", f"curvature={self.curvature!r} (needs 'hessian')"),
-            (self.curvature_fraction < 1, "curvature_fraction < 1"),
-            (self.aux_batches != 1, "aux_batches > 1"),
-            (bool(self.generators), "label generators"),
-            (distributed.is_distributed(), "torchrun (several processes)"),
-            (has_dropout(distributed.unwrap(ctx.model)), "dropout in the model"),
-        ]
-        return next((why for blocked, why in reasons if blocked), None)
+    def graph(self, model: nn.Module, inner: list[nn.Parameter], make_losses: Callable, batch, aux_batch,
+              capture: bool = True) -> GraphedHypergradient:
+        """This weighting's hypergradient (Neumann, Hessian, mixed by vjp) on static copies of
+        ``batch`` and ``aux_batch``, captured in a CUDA graph (``capture=False``: the same
+        function, run eagerly on every call). See :class:`auxframe.weighting.graphed.GraphedHypergradient`."""
+        main = self.main_task
+
+        def train_loss(outputs, targets):
+            matrix = self.loss_matrix(make_losses(outputs, targets))
+            return self.auxnet(matrix), matrix
+
+        def outer_loss(output, targets):
+            return make_losses({main: output}, {main: targets}).mean(main)
+
+        return GraphedHypergradient(
+            model, inner, self.outer_params, train_loss, outer_loss, main, batch, aux_batch, self.alpha,
+            neumann_terms=self.neumann_terms, scale_by_alpha=self.scale_by_alpha, capture=capture,
+        )
 
     def _graphed_step(self, ctx: StepContext) -> tuple[hypergrad.HypergradResult, torch.Tensor, torch.Tensor] | None:
         """The outer step's hypergradient replayed from the CUDA graph, or None (then eagerly)."""
-        if self._graph_off is None:
-            blocker = self._graph_blocker(ctx)
-            if blocker is not None:
-                self._graph_off = blocker
-                warnings.warn(f"AuxiLearn: cuda_graph=True does not apply here ({blocker}); outer steps run "
-                              f"eagerly.", RuntimeWarning, stacklevel=3)
-        if self._graph_off is not None or self.alpha is None or self._alpha_due():
+        if ctx.train_batch is None or ctx.aux_set_batch is None or ctx.make_losses is None:
+            self._narrow("cuda_graph=True does not apply here (the trainer offers no raw batches); outer steps "
+                         "run eagerly.", graphed=False)
+            return None
+        if self.alpha is None or self._alpha_due():
             return None  # (the first outer step estimates alpha eagerly)
         batch, aux_batch = ctx.train_batch(), ctx.aux_set_batch()
         if self._graphed is not None and self._graphed.settings != (self.neumann_terms, self.scale_by_alpha):
             self._graphed = None  # J or the scaling changed since the capture: capture again
         if self._graphed is None:
-            from auxframe.weighting.graphed import GraphedHypergradient
-
             try:
-                self._graphed = GraphedHypergradient(self, distributed.unwrap(ctx.model), self._inner_parameters(ctx),
-                                                     ctx.make_losses, batch, aux_batch, self.alpha)
+                self._graphed = self.graph(distributed.unwrap(ctx.model), self._inner_parameters(ctx),
+                                           ctx.make_losses, batch, aux_batch)
             except Exception as error:  # (CUDA errors of a failed capture, whatever their class)
-                self._graph_off = f"capture failed: {type(error).__name__}: {str(error).splitlines()[0]}"
-                warnings.warn(f"AuxiLearn: {self._graph_off}; outer steps run eagerly.", RuntimeWarning, stacklevel=3)
+                self._narrow(f"capture failed: {type(error).__name__}: {str(error).splitlines()[0]}; outer steps "
+                             f"run eagerly.", graphed=False)
                 return None
         if not self._graphed.fits(batch, aux_batch):
             return None
-        grads, norms, v_norm, matrix, outer = self._graphed(batch, aux_batch, self.alpha)
-        term_norms = norms.tolist()
-        diverging = not all(math.isfinite(x) for x in term_norms) or (len(term_norms) > 1 and term_norms[-1] > term_norms[0])
-        result = hypergrad.HypergradResult(grads=grads, term_norms=term_norms, diverging=diverging,
-                                           outer_grad_norm=float(v_norm))
+        result, matrix, outer = self._graphed(batch, aux_batch, self.alpha)
         return result, matrix, outer
 
     # -- forward mode: the mixed term and Gauss-Newton products ----------------------------------
-    def _forward_mode_usable(self, ctx: StepContext, losses: TaskLosses | None = None) -> bool:
-        """Whether a second, forward-mode pass of the model reproduces the step's forward pass: no
-        earlier failure, no active dropout (it would draw other masks), the inputs recorded."""
-        return (
-            not self._forward_mode_failed
-            and (losses is None or (losses.from_outputs is not None and all(t in losses.inputs for t in losses.names)))
-            and not has_dropout(distributed.unwrap(ctx.model), training_only=True)
-        )
-
-    def _mixed_mode(self, ctx: StepContext, losses: TaskLosses | None = None) -> str:
-        """The mixed term's computation for this outer step (``mixed='auto'`` resolved; without
-        ``losses``, as far as it can be told before the training batch is drawn). Label generators
-        rule the forward mode out: their labels depend on phi, which ``<dg/dM, dM>`` does not see."""
-        if self.mixed != "auto":
-            return self.mixed
-        return "forward" if not self.generators and self._forward_mode_usable(ctx, losses) else "vjp"
-
     def _forward_mode(self, ctx: StepContext, losses: TaskLosses, inner: list[nn.Parameter],
                       tangents: list[torch.Tensor], read: Callable[[dict[str, torch.Tensor]], Any]) -> Any:
         """Run the model on ``losses``' inputs with W made dual along ``tangents`` (one forward-mode
@@ -500,9 +526,9 @@ class AuxiLearn(Weighting):
         return self.alpha is None or bool(self.alpha_refresh and self.outer_steps % self.alpha_refresh == 0)
 
     def _curvature_args(self, losses: TaskLosses, ctx: StepContext | None = None,
-                        inner: list[nn.Parameter] | None = None, forward_mode: bool = False) -> dict[str, Any]:
+                        inner: list[nn.Parameter] | None = None) -> dict[str, Any]:
         """Keyword arguments selecting the curvature; Gauss-Newton works on the heads' outputs, with
-        ``J v`` by one forward-mode pass of the model where that reproduces the forward pass."""
+        ``J v`` by one forward-mode pass of the model where the execution path says so."""
         if self.curvature != "gauss_newton":
             return {"curvature": self.curvature}
         if losses.outputs is None or losses.from_outputs is None:
@@ -513,7 +539,7 @@ class AuxiLearn(Weighting):
             return self.auxnet(self.loss_matrix(losses.from_outputs(dict(zip(names, outs)))))
 
         args = {"curvature": "gauss_newton", "outputs": [losses.outputs[n] for n in names], "output_loss": output_loss}
-        if forward_mode and ctx is not None and self._forward_mode_usable(ctx, losses):
+        if self.path.forward_gauss_newton and ctx is not None and _records_inputs(losses):
             def read(outs):
                 return [fwAD.unpack_dual(outs[n]).tangent for n in names]
 
@@ -554,6 +580,39 @@ class AuxiLearn(Weighting):
         self.outer_steps = int(state["outer_steps"])
         self._weights = dict(state["weights"])
         self._logs = dict(state["logs"])
+
+
+@dataclasses.dataclass(frozen=True)
+class OuterPath:
+    """How AuxiLearn's outer steps are computed: chosen once, at setup (:meth:`AuxiLearn._choose_path`).
+
+    Attributes:
+        mixed: the mixed term: ``'forward'`` (a forward-mode pass of the model along ``p``),
+            ``'vjp'`` or ``'jacobian'`` (``mixed='auto'`` resolved).
+        forward_gauss_newton: Gauss-Newton products take ``J v`` from a forward-mode pass.
+        curvature_subset: the curvature products run on a random part of each batch.
+        graphed: the hypergradient is replayed from a CUDA graph (after the first outer step).
+    """
+
+    mixed: str
+    forward_gauss_newton: bool
+    curvature_subset: bool
+    graphed: bool
+
+    @property
+    def light(self) -> bool:
+        """The training batch's forward pass needs no graph: the mixed term by forward mode and
+        the curvature on a re-run subset."""
+        return self.curvature_subset and self.mixed == "forward"
+
+    @property
+    def uses_forward_mode(self) -> bool:
+        return self.mixed == "forward" or self.forward_gauss_newton
+
+
+def _records_inputs(losses: TaskLosses) -> bool:
+    """Whether ``losses`` carry what a forward-mode re-run of the model needs (inputs, ``from_outputs``)."""
+    return losses.from_outputs is not None and all(t in losses.inputs for t in losses.names)
 
 
 class _ForwardModeUnsupported(RuntimeError):

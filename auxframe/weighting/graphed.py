@@ -7,8 +7,9 @@ computation replays with one launch; ``bench/auxilearn_cost.py`` (section 7) mea
 steps replayed against 7.7 eager for J = 3 on the quickstart (H200).
 
 What is captured is exactly :func:`auxframe.hypergrad.hypergradient` with ``method='neumann'``,
-``curvature='hessian'``, ``mixed='vjp'`` and the AuxiLearn losses (the main task's loss on the
-auxiliary set as the outer loss), written without host synchronisation: the term norms come back
+``curvature='hessian'``, ``mixed='vjp'`` and the losses the caller gives as functions of the heads'
+outputs (AuxiLearn: its combined training loss, and the main task's loss on the auxiliary set as
+the outer loss), written without host synchronisation: the term norms come back
 as a tensor, read after the replay. Every outer step copies its batches into the graph's static
 input buffers and ``alpha`` into a tensor, so the graph is captured once; a batch of another shape
 (a smaller last batch) is computed eagerly instead.
@@ -17,38 +18,47 @@ The captured intermediates (the outer step's autograd graphs) stay allocated in 
 private memory pool for the rest of the run: about the peak memory of one outer step.
 
 :class:`auxframe.weighting.auxilearn.AuxiLearn` uses this with ``cuda_graph=True`` where it
-applies (see :meth:`AuxiLearn._graph_blocker`): CUDA, one process, Hessian curvature on the whole
+applies (see :meth:`AuxiLearn._choose_path`): CUDA, one process, Hessian curvature on the whole
 batch, no label generators, no active dropout.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Mapping
+import math
+from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
 
-from auxframe.hypergrad import _norm, _zeros_for_none  # the same list helpers as the eager computation
-
-if TYPE_CHECKING:  # pragma: no cover
-    from auxframe.weighting.auxilearn import AuxiLearn
-    from auxframe.weighting.base import TaskLosses
+from auxframe.hypergrad import HypergradResult, _norm, _zeros_for_none  # the same list helpers as the eager computation
 
 Batch = Mapping[tuple[str, ...], tuple[torch.Tensor, Mapping[str, torch.Tensor]]]
+#: ``(head outputs, targets) -> (training loss L_T, the loss matrix it combines)``.
+TrainLoss = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+#: ``(the main head's output on the auxiliary set, its targets) -> outer loss L_A``.
+OuterLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class GraphedHypergradient:
-    """The hypergradient of one AuxiLearn weighting, on static buffers, captured at construction.
+    """A hypergradient on static batch buffers, captured in a CUDA graph at construction.
+
+    It knows nothing of the weighting that uses it: the losses come as functions of the heads'
+    outputs. :meth:`auxframe.weighting.auxilearn.AuxiLearn.graph` builds one for AuxiLearn.
 
     Args:
-        weighting: the AuxiLearn weighting (its auxiliary network, tasks, Neumann settings).
-        model: the multi-task model (not a DistributedDataParallel wrapper).
+        model: the multi-task model (not a DistributedDataParallel wrapper), called as
+            ``model(x, tasks=[...]) -> {task: output}``.
         inner: W, the parameters the curvature is taken over.
-        make_losses: the trainer's ``(outputs, targets) -> TaskLosses``.
+        outer: phi, the parameters the hypergradient is taken for.
+        train_loss: ``(outputs, targets) -> (L_T, loss matrix)`` on the training batch.
+        outer_loss: ``(main output, targets) -> L_A`` on the auxiliary-set batch.
+        main_task: the task whose head runs on the auxiliary-set batch.
         batch: a training batch, ``{group's tasks: (inputs, {task: targets})}``: its shapes fix
             the graph's.
         aux_batch: an auxiliary-set batch ``(inputs, main-task targets)``.
         alpha: the Neumann scale (updated on every call).
+        neumann_terms: J, baked into the graph.
+        scale_by_alpha: multiply the series by alpha (baked into the graph).
         capture: capture the CUDA graph (default); False computes eagerly on every call, the
             same function (for CPUs and tests).
 
@@ -58,24 +68,29 @@ class GraphedHypergradient:
 
     def __init__(
         self,
-        weighting: AuxiLearn,
         model: nn.Module,
         inner: list[nn.Parameter],
-        make_losses: Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], TaskLosses],
+        outer: list[nn.Parameter],
+        train_loss: TrainLoss,
+        outer_loss: OuterLoss,
+        main_task: str,
         batch: Batch,
         aux_batch: tuple[torch.Tensor, torch.Tensor],
         alpha: float,
+        *,
+        neumann_terms: int,
+        scale_by_alpha: bool = False,
         capture: bool = True,
     ):
-        self.w, self.model, self.inner, self.make_losses = weighting, model, inner, make_losses
-        self.phi = list(weighting.outer_params)
-        self.settings = weighting.neumann_terms, weighting.scale_by_alpha  # baked into the graph
+        self.model, self.inner, self.phi = model, list(inner), list(outer)
+        self.train_loss, self.outer_loss, self.main_task = train_loss, outer_loss, main_task
+        self.settings = int(neumann_terms), bool(scale_by_alpha)  # baked into the graph
         self.groups = list(batch)
         self.x = {g: x.detach().clone() for g, (x, _) in batch.items()}
         self.y = {t: y.detach().clone() for _, (_, targets) in batch.items() for t, y in targets.items()}
         self.aux_x, self.aux_y = (t.detach().clone() for t in aux_batch)
         device = self.aux_x.device
-        self.alpha = torch.tensor(float(alpha), device=device, dtype=inner[0].dtype)
+        self.alpha = torch.tensor(float(alpha), device=device, dtype=self.inner[0].dtype)
         self.graph = None
         if not capture:
             return
@@ -98,9 +113,10 @@ class GraphedHypergradient:
         same += [(aux_batch[0], self.aux_x), (aux_batch[1], self.aux_y)]
         return all(a.shape == b.shape and a.dtype == b.dtype for a, b in same)
 
-    def __call__(self, batch: Batch, aux_batch: tuple[torch.Tensor, torch.Tensor], alpha: float):
-        """Copy the batches in, replay; returns ``(grads, term_norms, outer_grad_norm, loss matrix,
-        outer loss)`` as fresh tensors (the grads one per outer parameter)."""
+    def __call__(
+        self, batch: Batch, aux_batch: tuple[torch.Tensor, torch.Tensor], alpha: float
+    ) -> tuple[HypergradResult, torch.Tensor, torch.Tensor]:
+        """Copy the batches in, replay; returns ``(result, loss matrix, outer loss)`` as fresh tensors."""
         with torch.no_grad():
             for g, (x, targets) in batch.items():
                 self.x[g].copy_(x)
@@ -114,20 +130,22 @@ class GraphedHypergradient:
         else:
             self.graph.replay()
         grads, norms, v_norm, matrix, outer = self.static
-        return [g.clone() for g in grads], norms.clone(), v_norm.clone(), matrix.clone(), outer.clone()
+        term_norms = norms.tolist()  # (one host synchronisation, after the replay)
+        diverging = not all(math.isfinite(x) for x in term_norms) or (
+            len(term_norms) > 1 and term_norms[-1] > term_norms[0])
+        result = HypergradResult(grads=[g.clone() for g in grads], term_norms=term_norms, diverging=diverging,
+                                 outer_grad_norm=float(v_norm))
+        return result, matrix.clone(), outer.clone()
 
     def _compute(self):
         """The hypergradient as :func:`auxframe.hypergrad.hypergradient` computes it (Neumann,
         Hessian, mixed by vjp), with no host synchronisation."""
-        w = self.w
         outputs: dict[str, torch.Tensor] = {}
         for group in self.groups:
             outputs.update(self.model(self.x[group], tasks=list(group)))
-        matrix = w.loss_matrix(self.make_losses(outputs, self.y))
-        train_loss = w.auxnet(matrix)
-        main = w.main_task
-        aux_out = self.model(self.aux_x, tasks=[main])[main]
-        outer = self.make_losses({main: aux_out}, {main: self.aux_y}).mean(main)
+        train_loss, matrix = self.train_loss(outputs, self.y)
+        main = self.main_task
+        outer = self.outer_loss(self.model(self.aux_x, tasks=[main])[main], self.aux_y)
         v = _zeros_for_none(torch.autograd.grad(outer, self.inner, retain_graph=True, allow_unused=True), self.inner)
         g = torch.autograd.grad(train_loss, self.inner, create_graph=True, allow_unused=True)
         live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
@@ -135,14 +153,14 @@ class GraphedHypergradient:
         term = [v[i] for i in live]  # v where the training loss reaches W, as hypergradient() does
         p = [t.clone() for t in term]
         norms = [_norm(term)]
-        for _ in range(w.neumann_terms):
+        neumann_terms, scale_by_alpha = self.settings
+        for _ in range(neumann_terms):
             hv = _zeros_for_none(torch.autograd.grad(grads, params, term, retain_graph=True, allow_unused=True), params)
             term = [t - self.alpha * h for t, h in zip(term, hv)]
             p = [a + b for a, b in zip(p, term)]
             norms.append(_norm(term))
-        if w.scale_by_alpha:
+        if scale_by_alpha:
             p = [self.alpha * t for t in p]
         mixed = _zeros_for_none(torch.autograd.grad(grads, self.phi, p, allow_unused=True), self.phi)
         return ([-m.detach() for m in mixed], torch.stack(norms).detach(), _norm(v).detach(), matrix.detach(),
                 outer.detach())
-
