@@ -18,11 +18,19 @@ Label conventions, by the field's ``kind``:
 
 Training batches are drawn through :meth:`ImageDataset.get_train_batch`, which datasets with
 train-time augmentation override; evaluation reads :meth:`ImageDataset.get_batch`.
+
+The trainer makes a batch in two stages (:mod:`auxframe.data.loader`): :meth:`ImageDataset.fetch_batch`
+in a DataLoader worker process (reading, decoding, per-image transforms), then, after the copy to the
+training device, :meth:`ImageDataset.finish_batch` (batched tensor operations: the in-memory datasets'
+augmentation). By default everything happens in ``fetch_batch``; a dataset that splits the work
+defines ``get_batch`` and ``get_train_batch`` as the two stages one after the other, so that both
+paths give the same batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,6 +130,33 @@ class ImageDataset(torch.utils.data.Dataset):
         """
         return self.get_batch(indices)
 
+    def fetch_batch(self, indices: torch.Tensor, seed: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The first stage of making a batch, run in a DataLoader worker process.
+
+        Args:
+            indices: example indices ``(B,)``.
+            seed: the training batch's augmentation seed; None for an evaluation batch.
+
+        Returns:
+            ``(images, labels)`` as :meth:`finish_batch` takes them. The default is the whole batch,
+            ``get_batch`` or ``get_train_batch``.
+        """
+        return self.get_batch(indices) if seed is None else self.get_train_batch(indices, seed)
+
+    def finish_batch(self, images: torch.Tensor, labels: dict[str, torch.Tensor], seed: int | None = None
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The second stage, run on the training device after the copy: batched tensor operations.
+
+        Args:
+            images: what :meth:`fetch_batch` returned, on the training device.
+            labels: likewise.
+            seed: the seed :meth:`fetch_batch` was given (None: an evaluation batch).
+
+        Returns:
+            The batch as :meth:`get_batch` gives it. The default returns its inputs.
+        """
+        return images, labels
+
     def field(self, name: str) -> LabelField:
         """The field called ``name``; a clear error lists the fields that exist."""
         from auxframe.errors import DataError
@@ -143,6 +178,13 @@ class TensorImageDataset(ImageDataset):
             float ``(N, channels[, H, W])`` for a ``'regression'`` field (cast to each field's dtype).
         fields: field name -> :class:`LabelField`; must have the same keys as ``labels``.
         main_field: the field to stratify on.
+        transforms: augmentation of training batches (and a centre crop, if it has one, of every
+            batch), run on whole batches on the training device (:meth:`Transforms.batched
+            <auxframe.data.transforms.Transforms.batched>`); the images' values are taken as they are
+            (fills and noise in their units). None: no augmentation.
+
+    Raises:
+        ConfigError: ``transforms`` has a step with no batched form.
     """
 
     def __init__(
@@ -151,6 +193,7 @@ class TensorImageDataset(ImageDataset):
         labels: dict[str, torch.Tensor],
         fields: dict[str, LabelField],
         main_field: str,
+        transforms: Any = None,
     ):
         if images.ndim != 4:
             raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
@@ -165,7 +208,18 @@ class TensorImageDataset(ImageDataset):
         self.labels = {k: v.to(fields[k].dtype).contiguous() for k, v in labels.items()}
         self.fields = dict(fields)
         self.main_field = main_field
-        self.input_shape = tuple(images.shape[1:])
+        self.batched = None
+        if transforms is not None:
+            from auxframe.errors import ConfigError
+
+            self.batched = transforms.batched(size=tuple(images.shape[2:]), channels=images.shape[1])
+            if self.batched is None:
+                raise ConfigError(
+                    f"{type(self).__name__} augments whole batches only, and its transforms cannot: "
+                    f"{transforms.batched_reason(tuple(images.shape[2:]))}. Use the batched steps listed in "
+                    f"auxframe.data.transforms."
+                )
+        self.input_shape = tuple(images.shape[1:]) if self.batched is None else tuple(self.get_batch(torch.arange(1))[0].shape[1:])
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -182,7 +236,21 @@ class TensorImageDataset(ImageDataset):
         return self.labels[field].numpy()
 
     def __getitem__(self, index: int):
+        if self.batched is not None:
+            images, labels = self.get_batch(torch.tensor([int(index)]))
+            return images[0], {k: v[0] for k, v in labels.items()}
         return self.images[index], {k: v[index] for k, v in self.labels.items()}
 
-    def get_batch(self, indices: torch.Tensor):
+    def fetch_batch(self, indices: torch.Tensor, seed: int | None = None):
         return self.images[indices], {k: v[indices] for k, v in self.labels.items()}
+
+    def finish_batch(self, images: torch.Tensor, labels: dict[str, torch.Tensor], seed: int | None = None):
+        if self.batched is None:
+            return images, labels
+        return self.batched(images, seed, channels_last=False), labels
+
+    def get_batch(self, indices: torch.Tensor):
+        return self.finish_batch(*self.fetch_batch(indices))
+
+    def get_train_batch(self, indices: torch.Tensor, seed: int):
+        return self.finish_batch(*self.fetch_batch(indices, seed), seed)

@@ -26,10 +26,13 @@ per-pixel losses until a real segmentation dataset is at hand:
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
 from auxframe.data.base import LabelField, TensorImageDataset
+from auxframe.errors import ConfigError
 
 #: Mean and standard deviation of every pixel of the whole digits array after scaling to [0, 1],
 #: computed once in float64 as ``x = load_digits().images / 16.0; x.mean(), x.std()``
@@ -96,17 +99,28 @@ def dense_labels(images: np.ndarray, digits_: np.ndarray) -> dict[str, np.ndarra
     return {"stroke": stroke, "digit_map": stroke * (1 + digits_[:, None, None])}
 
 
-def digits(normalize: bool = True, dense: bool = False) -> TensorImageDataset:
+def digits(normalize: bool = True, dense: bool = False, transforms: Any = None) -> TensorImageDataset:
     """scikit-learn's digits with the fields ``digit``, ``parity``, ``ge5`` and ``loops``.
 
     Args:
         normalize: standardise the ``[0, 1]`` pixels with :data:`DIGITS_MEAN` and
             :data:`DIGITS_STD`; if False, images stay in ``[0, 1]``.
         dense: also provide the per-pixel fields ``stroke`` and ``digit_map``.
+        transforms: augmentation of training batches, run on whole batches on the training device
+            (a :class:`~auxframe.data.transforms.Transforms` whose steps have batched forms, e.g.
+            ``PadIfNeeded`` + ``RandomCrop`` for shifts of a pixel or two; fills and noise are in the
+            units of the images, standardised or not). None: no augmentation. Not with ``dense``
+            (per-pixel labels would not follow the pixels).
+
+    Raises:
+        ConfigError: ``transforms`` with ``dense``, or a step with no batched form.
 
     Returns:
         A :class:`TensorImageDataset` of 1797 images ``(1, 8, 8)`` with ``main_field="digit"``.
     """
+    if transforms is not None and dense:
+        raise ConfigError("datasets.digits: transforms with dense=True would move the pixels but not the per-pixel "
+                          "labels; use one or the other.")
     images, labels = load_digit_images()
     tensor = torch.from_numpy(images)
     if normalize:
@@ -121,4 +135,5 @@ def digits(normalize: bool = True, dense: bool = False) -> TensorImageDataset:
         labels={name: torch.from_numpy(values) for name, values in fields.items()},
         fields=infos,
         main_field="digit",
+        transforms=transforms,
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from auxframe.data.batched import cutout, flip, gaussian_noise
 from auxframe.errors import ConfigError, DataError
 
 
@@ -125,7 +126,9 @@ class Exemplar:
     probability ``flip_prob`` (one uniform per copy), add ``noise_std`` times standard normal noise
     (one per value), then set a square of side ``round(cutout_fraction * min(H, W))``, centred at a
     uniformly drawn pixel (row, then column) and clipped at the borders, to ``cutout_fill``.
-    Draws are made on the generator's device and moved to the images' device.
+    Draws are made on the generator's device and moved to the images' device; give a generator on
+    the images' device (the trainer does) so that nothing is drawn on the CPU and copied. The three
+    augmentations are :mod:`auxframe.data.batched`'s ``flip``, ``gaussian_noise`` and ``cutout``.
 
     Args:
         n_views: augmented copies per image (8 in S4L); at least 2, so that every anchor of the
@@ -204,33 +207,14 @@ class Exemplar:
             DataError: ``images`` is not a 4-d batch.
         """
         _check_batch(images, "Exemplar")
-        if not train:
-            generator = torch.Generator().manual_seed(self.eval_seed)
-        batch, channels, height, width = images.shape
-        n = self.n_views * batch
-        draw = {"generator": generator, "device": generator.device if generator is not None else torch.device("cpu")}
-        views = images.repeat(self.n_views, 1, 1, 1)
-        flip = (torch.rand(n, **draw) < self.flip_prob).to(images.device)
-        views = torch.where(flip[:, None, None, None], views.flip(-1), views)
+        if not train:  # on the images' device: no draws made on the CPU and copied over
+            generator = torch.Generator(device=images.device).manual_seed(self.eval_seed)
+        batch = images.shape[0]
+        views = flip(images.repeat(self.n_views, 1, 1, 1), self.flip_prob, generator)
         if self.noise_std:
-            noise = torch.randn(n, channels, height, width, dtype=images.dtype, **draw).to(images.device)
-            views = views + self.noise_std * noise
-        side = round(self.cutout_fraction * min(height, width))
+            views = gaussian_noise(views, self.noise_std, generator)
+        side = round(self.cutout_fraction * min(images.shape[-2:]))
         if side:
-            views = _cutout(views, side, self.cutout_fill, draw)
+            views = cutout(views, side, self.cutout_fill, generator)
         ids = torch.arange(batch, device=images.device).repeat(self.n_views)
         return views, ids
-
-
-def _cutout(images: torch.Tensor, side: int, fill: float, draw: dict) -> torch.Tensor:
-    """Set a ``side`` x ``side`` square per image, centred at a random pixel and clipped, to ``fill``."""
-    n, _, height, width = images.shape
-    centre_row = torch.randint(0, height, (n,), **draw).to(images.device)
-    centre_col = torch.randint(0, width, (n,), **draw).to(images.device)
-    top, left = centre_row - side // 2, centre_col - side // 2
-    rows = torch.arange(height, device=images.device)[None, :]
-    cols = torch.arange(width, device=images.device)[None, :]
-    in_rows = (rows >= top[:, None]) & (rows < top[:, None] + side)
-    in_cols = (cols >= left[:, None]) & (cols < left[:, None] + side)
-    square = in_rows[:, None, :, None] & in_cols[:, None, None, :]
-    return images.masked_fill(square, fill)

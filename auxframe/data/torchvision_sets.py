@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from auxframe.data.base import LabelField
 from auxframe.data.images import SampleDataset, read_image, read_rows, require_dir, require_file, to_int
@@ -45,20 +46,50 @@ def _download(name: str, root: Path, **kwargs) -> None:
 class ArrayImages(SampleDataset):
     """Images held in memory as one ``(N, H, W, C)`` uint8 array (CIFAR, SVHN).
 
+    Where its transforms have a batched form (:meth:`Transforms.batched
+    <auxframe.data.transforms.Transforms.batched>`: pads, crops, flips, noise, Cutout), a batch is
+    fetched as uint8 pixels and augmented as a whole on the training device (:meth:`finish_batch`);
+    otherwise image by image through albumentations, in the DataLoader's workers.
+
     Args:
         images: ``(N, H, W, C)`` uint8.
         labels, fields, main_field, transforms, official_test: as :class:`SampleDataset`.
+
+    Attributes:
+        batched: the batched pipeline, or None (image by image).
     """
 
     def __init__(self, images: np.ndarray, labels, fields, main_field, transforms=None, official_test=None):
         self.images = images
         super().__init__(labels, fields, main_field, transforms, official_test=official_test)
+        self.batched = self.transforms.batched(size=images.shape[1:3], channels=images.shape[3])
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def read(self, index: int):
         return self.images[index], {}
+
+    def fetch_batch(self, indices, seed=None):
+        if self.batched is None:
+            return super().fetch_batch(indices, seed)
+        idx = np.asarray(indices, dtype=np.int64)
+        return torch.from_numpy(self.images[idx]), {k: torch.from_numpy(v[idx]) for k, v in self.labels.items()}
+
+    def finish_batch(self, images, labels, seed=None):
+        if self.batched is None:
+            return images, labels
+        return self.batched(images, seed), labels
+
+    def get_batch(self, indices):
+        if self.batched is None:
+            return super().get_batch(indices)
+        return self.finish_batch(*self.fetch_batch(indices))
+
+    def get_train_batch(self, indices, seed):
+        if self.batched is None:
+            return super().get_train_batch(indices, seed)
+        return self.finish_batch(*self.fetch_batch(indices, seed), seed)
 
 
 # -- CIFAR ------------------------------------------------------------------------------------------

@@ -24,13 +24,20 @@ Configure in gin (every albumentations transform is registered as ``albumentatio
 
 Augmentation applies to training batches only (``ImageDataset.get_train_batch``); evaluation
 batches are resized, centre-cropped and normalised.
+
+In-memory datasets (CIFAR-10/100, SVHN, digits) run the same pipeline on whole batches as tensor
+operations on the training device (:meth:`Transforms.batched`, :mod:`auxframe.data.batched`) when
+every step has a batched form: ``Transforms.crop``, ``PadIfNeeded``, ``RandomCrop``, ``CenterCrop``,
+``Crop``, ``HorizontalFlip``, ``VerticalFlip``, ``GaussNoise`` and :class:`Cutout`. Other pipelines,
+and every dataset read from files, go through albumentations image by image, in the DataLoader's
+worker processes. ``Transforms.batched = False`` keeps an in-memory dataset on the per-image path.
 """
 
 from __future__ import annotations
 
 import inspect
 import random
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import albumentations as A
 import cv2
@@ -39,6 +46,9 @@ import numpy as np
 import torch
 
 from auxframe.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from auxframe.data.batched import BatchedTransforms
 
 #: Roles of dense label maps: class masks, depth, surface normals, other real-valued maps.
 ROLES = ("mask", "depth", "normals", "values")
@@ -85,6 +95,52 @@ class RandomScaleCrop(A.DualTransform):
         return ("scales",)
 
 
+class Cutout(A.ImageOnlyTransform):
+    """Cutout (DeVries & Taylor, 2017): one square, centred at a uniformly drawn pixel and clipped at the
+    borders, set to ``fill``.
+
+    Its batched form (:func:`auxframe.data.batched.cutout`) is the Exemplar signal's Cutout too.
+
+    Args:
+        size: the square's side in pixels; None: ``fraction`` of the shorter image side.
+        fraction: the side as a fraction of the shorter image side (0.5: 16 pixels on 32x32 images, as
+            DeVries & Taylor use on CIFAR-10), when ``size`` is None.
+        fill: the value written inside the square, in the stored pixel range (0-255 for uint8 images),
+            one number or one per channel.
+        p: probability of applying the transform.
+    """
+
+    def __init__(self, size: int | None = None, fraction: float = 0.5, fill: float | Sequence[float] = 0.0,
+                 p: float = 1.0):
+        super().__init__(p=p)
+        if size is not None and (int(size) != size or size < 1):
+            raise ConfigError(f"Cutout.size must be a positive number of pixels or None, got {size!r}.")
+        if size is None and not 0.0 < fraction <= 1.0:
+            raise ConfigError(f"Cutout.fraction must be in (0, 1], got {fraction!r}.")
+        self.size, self.fraction = (None if size is None else int(size)), float(fraction)
+        self.fill = tuple(float(v) for v in np.atleast_1d(fill))
+
+    def side(self, height: int, width: int) -> int:
+        """The square's side on images of ``height`` x ``width``."""
+        return self.size if self.size is not None else round(self.fraction * min(height, width))
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        return {"centre": (self.py_random.randint(0, height - 1), self.py_random.randint(0, width - 1))}
+
+    def apply(self, img: np.ndarray, centre=(0, 0), **params) -> np.ndarray:
+        height, width = img.shape[:2]
+        side = self.side(height, width)
+        top, left = centre[0] - side // 2, centre[1] - side // 2
+        out = img.copy()
+        fill = np.asarray(self.fill, dtype=img.dtype) if len(self.fill) > 1 else img.dtype.type(self.fill[0])
+        out[max(top, 0):max(top + side, 0), max(left, 0):max(left + side, 0)] = fill
+        return out
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("size", "fraction", "fill")
+
+
 #: Geometric transforms that keep depth values and normal directions right (flips are corrected).
 _GEOMETRY_SAFE = {
     "HorizontalFlip", "VerticalFlip", "RandomCrop", "CenterCrop", "Crop", "PadIfNeeded",
@@ -108,6 +164,9 @@ class Transforms:
             ``@RandomScaleCrop()``, ...), applied after resizing and cropping.
         mean: per-channel mean of ``[0, 1]`` pixels (one value is used for every channel).
         std: per-channel standard deviation (one value is used for every channel).
+        batched: for in-memory datasets, run the pipeline on whole batches on the training device
+            (:meth:`batched`): ``'auto'`` where every step has a batched form (else image by image),
+            True (an error names a step that has none), False (always image by image).
 
     Example:
         >>> t = Transforms(crop=(4, 4), augment=[A.HorizontalFlip(p=1.0)])
@@ -124,7 +183,11 @@ class Transforms:
         augment: Sequence[A.BasicTransform] = (),
         mean: Sequence[float] = (0.0,),
         std: Sequence[float] = (1.0,),
+        batched: bool | str = "auto",
     ):
+        if batched not in ("auto", True, False):
+            raise ConfigError(f"Transforms.batched must be 'auto', True or False, got {batched!r}.")
+        self.batched_mode = batched
         self.resize = _size("resize", resize)
         self.crop = _size("crop", crop)
         self.augment = list(augment)
@@ -158,6 +221,43 @@ class Transforms:
                 in a way this module cannot correct.
         """
         return AlignedPipeline(self, dict(dense or {}))
+
+    def batched(self, size: Sequence[int] | None = None, channels: int = 3) -> "BatchedTransforms | None":
+        """This pipeline as tensor operations on whole batches, or None where it has no batched form.
+
+        Args:
+            size: ``(height, width)`` of the stored images (``PadIfNeeded`` needs it); None: the
+                pipeline must not depend on it.
+            channels: the images' channels (for fills given per channel).
+
+        Returns:
+            A :class:`~auxframe.data.batched.BatchedTransforms`, or None if ``batched`` is False or
+            (with ``'auto'``) a step has no batched form; :meth:`batched_reason` says which.
+
+        Raises:
+            ConfigError: ``batched = True`` and a step has no batched form.
+        """
+        from auxframe.data.batched import BatchedTransforms
+
+        if self.batched_mode is False:
+            return None
+        compiled = _compile_batched(self, size)
+        if isinstance(compiled, str):
+            if self.batched_mode is True:
+                raise ConfigError(f"Transforms.batched = True, but {compiled}; set Transforms.batched = 'auto' "
+                                  f"(or False) to run this pipeline image by image.")
+            return None
+        train, evaluation = compiled
+        names = [type(t).__name__ for t in self.augment]
+        out_size = self.output_size() or (tuple(size) if size is not None else None)
+        return BatchedTransforms(train, evaluation, self.mean.tolist(), self.std.tolist(), out_size, names)
+
+    def batched_reason(self, size: Sequence[int] | None = None) -> str | None:
+        """Why :meth:`batched` gives None (a step without a batched form, or ``batched = False``); else None."""
+        if self.batched_mode is False:
+            return "Transforms.batched = False"
+        compiled = _compile_batched(self, size)
+        return compiled if isinstance(compiled, str) else None
 
 
 class AlignedPipeline:
@@ -249,6 +349,68 @@ class AlignedPipeline:
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
+def _fill(value) -> tuple[float, ...]:
+    return tuple(float(v) for v in np.atleast_1d(np.asarray(value if value is not None else 0.0, dtype=np.float64)))
+
+
+def _compile_batched(t: Transforms, size: Sequence[int] | None):
+    """The batched steps ``(train, eval)`` of a :class:`Transforms`, or a sentence saying why there are none.
+
+    Numbers that depend on the image size (``PadIfNeeded``'s padding) are albumentations' own,
+    computed for the size each step sees.
+    """
+    from auxframe.data import batched as B
+
+    if t.resize is not None:
+        return "Transforms.resize has no batched form (resampling is done image by image)"
+    current = tuple(size) if size is not None else None
+    evaluation = [B.Crop(*t.crop)] if t.crop else []
+    train = [B.Crop(*t.crop, random=True)] if t.crop else []
+    if t.crop:
+        current = t.crop
+    for op in t.augment:
+        name = type(op).__name__
+        p = float(op.p)
+        if isinstance(op, (A.RandomCrop, A.CenterCrop, A.Crop, A.PadIfNeeded)) and p < 1.0:
+            return f"{name} with p={p} (< 1) would give images of different sizes"
+        if getattr(op, "pad_if_needed", False):
+            return f"{name} with pad_if_needed=True has no batched form (pad with PadIfNeeded first)"
+        if isinstance(op, A.PadIfNeeded):
+            if op.position == "random":
+                return "PadIfNeeded with position='random' has no batched form"
+            if current is None:
+                return "PadIfNeeded needs the image size"
+            pads = op.get_params_dependent_on_data({"shape": (*current, 3)}, {})
+            top, bottom, left, right = (int(pads[k]) for k in ("pad_top", "pad_bottom", "pad_left", "pad_right"))
+            mode = B.BORDER_MODES.get(int(op.border_mode))
+            if mode is None:
+                return f"PadIfNeeded with border_mode={op.border_mode} has no batched form"
+            train.append(B.Pad(top, bottom, left, right, mode, _fill(op.fill)))
+            current = (current[0] + top + bottom, current[1] + left + right)
+        elif isinstance(op, A.RandomCrop):
+            train.append(B.Crop(int(op.height), int(op.width), random=True))
+            current = (int(op.height), int(op.width))
+        elif isinstance(op, A.CenterCrop):
+            train.append(B.Crop(int(op.height), int(op.width)))
+            current = (int(op.height), int(op.width))
+        elif isinstance(op, A.Crop):
+            height, width = int(op.y_max - op.y_min), int(op.x_max - op.x_min)
+            train.append(B.Crop(height, width, at=(int(op.y_min), int(op.x_min))))
+            current = (height, width)
+        elif type(op) in (A.HorizontalFlip, A.VerticalFlip):
+            train.append(B.Flip(p, rows=isinstance(op, A.VerticalFlip)))
+        elif type(op) is A.GaussNoise:
+            if float(op.noise_scale_factor) != 1.0:
+                return "GaussNoise with noise_scale_factor != 1 has no batched form"
+            train.append(B.Noise(tuple(map(float, op.std_range)), tuple(map(float, op.mean_range)),
+                                 bool(op.per_channel), p))
+        elif isinstance(op, Cutout):
+            train.append(B.CutoutStep(op.size, op.fraction, op.fill, p))
+        else:
+            return f"{name} has no batched form"
+    return train, evaluation
+
+
 def _size(name: str, value: Sequence[int] | int | None) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -262,6 +424,7 @@ def _size(name: str, value: Sequence[int] | int | None) -> tuple[int, int] | Non
 
 gin.register(Transforms, module=None)
 gin.register(RandomScaleCrop, module=None)
+gin.register(Cutout, module=None)
 for _name, _cls in inspect.getmembers(A, inspect.isclass):
     if issubclass(_cls, A.BasicTransform) and _name[0].isupper() and _cls is not A.BasicTransform:
         gin.external_configurable(_cls, module="albumentations")
