@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from auxframe import config, distributed, rundir
 from auxframe.data.field_tasks import field_tasks
+from auxframe.data.loader import default_num_workers
 from auxframe.data.splits import LowDataSplit
 from auxframe.errors import ConfigError, TaskGraphError
 from auxframe.labelgen import build_generated_labels
@@ -63,6 +64,8 @@ def train(
     progress: bool = True,
     nonfinite: str = "stop",
     sync_batchnorm: bool | None = None,
+    num_workers: int | str = "auto",
+    prefetch_factor: int = 2,
     wandb: WandbLogger | None = None,
 ) -> dict[str, Any]:
     """Build the experiment described by the gin config and train it.
@@ -94,6 +97,12 @@ def train(
         sync_batchnorm: under torchrun, convert BatchNorm layers to SyncBatchNorm so that batch
             statistics are those of the global batch. Default (None): on GPUs, unless the weighting
             takes outer steps (their second derivatives cannot pass through SyncBatchNorm).
+        num_workers: DataLoader worker processes per training process that make the batches ahead
+            of the step (reading, decoding, per-image augmentation); ``'auto'``: on a GPU one per CPU
+            core but one (at most 8), on the CPU none up to 4 cores (workers would compete with the
+            training threads) and one per 4 cores beyond. 0: batches are made in the training
+            process. See README, "The data path".
+        prefetch_factor: steps each worker has ready in advance.
         wandb: the W&B logger settings (default: offline, project ``auxframe``).
 
     Returns:
@@ -106,6 +115,7 @@ def train(
     launch = distributed.init_from_env(resolve_device(device))
     run: rundir.RunDir | None = None  # rank 0's handle on the run directory
     loggers: list[Any] = []
+    trainer: Trainer | None = None
 
     def open_run_dir() -> dict[str, Any] | None:
         nonlocal run
@@ -156,6 +166,7 @@ def train(
         trainer = Trainer(
             model, tasks, resolved, dataset, split_, weighting, optimizer_, scheduler_, schedule, device_,
             seed=seed, run_dir=run_dir, loggers=loggers, progress=progress, nonfinite=nonfinite,
+            num_workers=resolve_num_workers(num_workers, device_), prefetch_factor=prefetch_factor,
         )
         if resume_state is not None:
             trainer.load_state_dict(resume_state)
@@ -168,6 +179,8 @@ def train(
             result["run_dir"] = str(run_dir)
         return result
     finally:
+        if trainer is not None:
+            trainer.close_data()  # the data workers, however the run ends
         for lg in loggers:
             lg.close()
         if run is not None:
@@ -183,6 +196,17 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device = '{device}' but CUDA is not available; use 'auto' or 'cpu'.")
     return dev
+
+
+def resolve_num_workers(num_workers: int | str, device: torch.device) -> int:
+    """``train.num_workers``: ``'auto'`` (:func:`auxframe.data.loader.default_num_workers`) or a count."""
+    if num_workers == "auto":
+        import os
+
+        return default_num_workers(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ConfigError(f"train.num_workers must be 'auto' or a whole number >= 0, got {num_workers!r}.")
+    return num_workers
 
 
 def seed_everything(seed: int) -> None:

@@ -35,13 +35,15 @@ import torch.nn as nn
 
 from auxframe import distributed
 from auxframe.checkpoint import save_checkpoint
-from auxframe.data.loader import PoolLoader, iterate_once
+from auxframe.data.loader import BatchStream, EvalBatches, PoolLoader
 from auxframe.errors import CheckpointError, TrainingError
 from auxframe.tasks import BatchGroup, TaskGraph, batch_groups
 from auxframe.weighting.base import StepContext, TaskLosses, Weighting
 
 METRICS_FILE = "metrics.json"
 NONFINITE = ("stop", "skip")
+#: The share of the step spent waiting for batches from which the progress bar says a run is data-bound.
+DATA_BOUND = 0.2
 
 
 @dataclass
@@ -104,6 +106,9 @@ class Trainer:
         progress: show a progress bar.
         nonfinite: ``'stop'`` or ``'skip'`` a step whose losses, weights, gradients or
             hypergradients are NaN or infinite (see the module docstring).
+        num_workers: DataLoader worker processes that make the training and evaluation batches
+            ahead of the step (0: in this process; see :mod:`auxframe.data.loader`).
+        prefetch_factor: steps each worker has ready in advance.
     """
 
     def __init__(
@@ -124,6 +129,8 @@ class Trainer:
         progress: bool = True,
         checkpoint_extra: Mapping[str, Any] | None = None,
         nonfinite: str = "stop",
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
     ):
         if nonfinite not in NONFINITE:
             raise TrainingError(f"train.nonfinite must be one of {NONFINITE}, got {nonfinite!r}.")
@@ -142,11 +149,13 @@ class Trainer:
         self.groups = batch_groups(graph, weighting.tasks_needed())
         self.loaders = {g.key: self._make_loader(g.pool, i, g.data) for i, g in enumerate(self.groups)}
         self.signal_rngs = {  # each rank draws its own signal randomness for its own images
-            g.key: torch.Generator().manual_seed(seed * 7919 + i + 1_000_003 * self.rank) for i, g in enumerate(self.groups)
+            g.key: torch.Generator(device=device).manual_seed(seed * 7919 + i + 1_000_003 * self.rank)
+            for i, g in enumerate(self.groups)
         }
         self.aux_loader = None
         if weighting.outer_every:
             self.aux_loader = self._make_loader("aux", len(self.groups))
+        self._make_streams(num_workers, prefetch_factor)
         self.ctx = StepContext(
             step=0,
             model=model,
@@ -177,18 +186,40 @@ class Trainer:
         return PoolLoader(self.dataset, self.split.pool(pool), bs, seed=seed, name=pool,
                           rank=self.rank, world_size=self.world_size)
 
+    def _make_streams(self, num_workers: int, prefetch_factor: int) -> None:
+        """The batch streams over the loaders: the training groups' (one DataLoader for all of
+        them, so one set of workers), the auxiliary set's (one worker: it is drawn every
+        ``outer_every`` steps), and evaluation's (per dataset, started at the first evaluation)."""
+        self.train_stream = BatchStream(self.loaders, self.device, num_workers, prefetch_factor)
+        self.aux_stream = None
+        if self.aux_loader is not None:
+            self.aux_stream = BatchStream({"aux": self.aux_loader}, self.device, min(num_workers, 1), prefetch_factor)
+        self._eval_batches = EvalBatches(self.dataset, self.device, num_workers, prefetch_factor)
+
+    def pop_data_wait(self) -> float:
+        """Seconds the loop waited for training and auxiliary-set batches since the last call."""
+        return self.train_stream.pop_wait() + (self.aux_stream.pop_wait() if self.aux_stream is not None else 0.0)
+
+    def close_data(self) -> None:
+        """Stop the data worker processes (a later draw starts them again)."""
+        for stream in (self.train_stream, self.aux_stream, self._eval_batches):
+            if stream is not None:
+                stream.close()
+
     def _group_batch(self, group: BatchGroup, images: torch.Tensor, labels: dict, train: bool, rng=None,
                      label_grad: bool = False):
         """Inputs and per-task targets of one group's batch (applying its signal or label generator).
 
-        Generated labels carry gradients to their generator only with ``label_grad`` (outer steps).
+        The batch is moved to the device first (streams hand it out there already), so that signals
+        run on the device. Generated labels carry gradients to their generator only with ``label_grad``
+        (outer steps).
         """
+        images = images.to(self.device, non_blocking=True)
         if group.signal is not None:
             images, target = group.signal(images, generator=rng, train=train)
             targets = {group.tasks[0]: target}
         else:
             targets = {t: labels[self.tasks[t].labels] for t in group.tasks}
-        images = images.to(self.device, non_blocking=True)
         targets = {t: y.to(self.device, non_blocking=True) for t, y in targets.items()}
         for t in group.tasks:
             if self.tasks[t].generator is not None:
@@ -239,25 +270,21 @@ class Trainer:
         )
 
     def _next_train_losses(self, label_grad: bool = False) -> TaskLosses:
-        batches = {g.key: next(self.loaders[g.key]) for g in self.groups}
-        return self.compute_losses(batches, label_grad=label_grad)
+        return self.compute_losses(next(self.train_stream), label_grad=label_grad)
 
     def _next_train_batch(self) -> dict[tuple[str, ...], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """The next training batch of every group, prepared (:meth:`prepare_batches`), without a
         forward pass."""
-        return self.prepare_batches({g.key: next(self.loaders[g.key]) for g in self.groups})
+        return self.prepare_batches(next(self.train_stream))
 
     def _next_aux_set_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next auxiliary-set batch: inputs and the main task's targets, on the device."""
-        images, labels = next(self.aux_loader)
-        y = labels[self.tasks[self.graph.main.name].labels]
-        return images.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        images, labels = next(self.aux_stream)["aux"]
+        return images, labels[self.tasks[self.graph.main.name].labels]
 
     def _next_aux_set_losses(self) -> TaskLosses:
-        images, labels = next(self.aux_loader)
+        x, y = self._next_aux_set_batch()
         main = self.graph.main.name
-        x = images.to(self.device, non_blocking=True)
-        y = labels[self.tasks[main].labels].to(self.device, non_blocking=True)
         out = self.model(x, tasks=[main])
         return TaskLosses({main: self.tasks[main].loss(out[main], y)}, main, [], [[main]])
 
@@ -424,15 +451,14 @@ class Trainer:
         """Per-task metrics and mean losses on a split pool, as ``{pool}/{task}/{metric}``."""
         was_training = self.model.training
         self.model.eval()
-        indices = self.split.pool(pool)
-        out: dict[str, float] = {}
-        for g in batch_groups(self.graph):
-            if g.data is not None:  # other data has no validation or test split
-                continue
-            metrics = {t: self.tasks[t].metric() for t in g.tasks}
-            loss_sum = {t: 0.0 for t in g.tasks}
-            count = {t: 0 for t in g.tasks}
-            for images, labels in iterate_once(self.dataset, indices, self.schedule.eval_batch_size):
+        groups = [g for g in batch_groups(self.graph) if g.data is None]  # other data has no val/test split
+        tasks = [t for g in groups for t in g.tasks]
+        metrics = {t: self.tasks[t].metric() for t in tasks}
+        loss_sum = {t: 0.0 for t in tasks}
+        count = {t: 0 for t in tasks}
+        # each batch is read once (decoded once, in the workers) for every group
+        for images, labels in self._eval_batches(self.split.pool(pool), self.schedule.eval_batch_size):
+            for g in groups:
                 x, targets = self._group_batch(g, images, labels, train=False)
                 outputs = self.model(x, tasks=g.tasks)
                 for t in g.tasks:
@@ -440,10 +466,11 @@ class Trainer:
                     loss = self.tasks[t].loss(outputs[t], targets[t])
                     loss_sum[t] += float(loss.sum())
                     count[t] += loss.numel()
-            for t in g.tasks:
-                for name, value in metrics[t].compute().items():
-                    out[f"{pool}/{t}/{name}"] = float(value)
-                out[f"{pool}/{t}/loss"] = loss_sum[t] / max(count[t], 1)
+        out: dict[str, float] = {}
+        for t in tasks:
+            for name, value in metrics[t].compute().items():
+                out[f"{pool}/{t}/{name}"] = float(value)
+            out[f"{pool}/{t}/loss"] = loss_sum[t] / max(count[t], 1)
         self.model.train(was_training)
         return out
 
@@ -498,7 +525,8 @@ class Trainer:
         n = max(n, 1)
         scalars = {f"train/{t}/loss": float(v) / n for t, v in acc.items()}
         scalars.update(self.weighting.log_values())
-        scalars["time/step_ms"] = 1000.0 * seconds / n
+        scalars["time/step"] = 1000.0 * seconds / n  # ms per step, and of it waiting for batches:
+        scalars["time/data"] = 1000.0 * self.pop_data_wait() / n
         scalars["train/lr"] = self.optimizer.param_groups[0]["lr"]
         if self.nonfinite == "skip":
             scalars["train/skipped_steps"] = self.skipped_steps
@@ -528,6 +556,9 @@ class Trainer:
         ws = self.weighting.weights()
         if ws:
             parts.append("w=" + ",".join(f"{t}:{w:.2g}" for t, w in ws.items()))
+        share = scalars.get("time/data", 0.0) / max(scalars.get("time/step", 0.0), 1e-9)
+        if share >= DATA_BOUND:
+            parts.append(f"data-bound: {share:.0%} of the step waits for batches (raise train.num_workers)")
         return " ".join(parts)
 
     # -- checkpoints -----------------------------------------------------------------------------

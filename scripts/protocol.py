@@ -200,7 +200,8 @@ def timing(args: argparse.Namespace) -> None:
                 cmd[0:1] = [sys.executable, "-m", "auxframe"]
                 subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True)
                 rows = [json.loads(x) for x in (run_dir / "scalars.jsonl").read_text().splitlines()]
-                steps[key] += [r["time/step_ms"] for r in rows if "time/step_ms" in r][1:]
+                steps[key] += [r.get("time/step", r.get("time/step_ms")) for r in rows  # time/step_ms: older runs
+                               if "time/step" in r or "time/step_ms" in r][1:]
     ms = {key: statistics.median(v) for key, v in steps.items()}
     out = {key: {"step_ms": ms[key], "vs_stl": ms[key] / ms["stl"] if "stl" in ms else None} for key in ms}
     (args.out / "timing.json").write_text(json.dumps(out, indent=2) + "\n")

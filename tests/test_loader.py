@@ -144,3 +144,45 @@ def test_bad_settings_and_the_automatic_worker_count():
     assert default_num_workers(torch.device("cpu")) == (0 if cores <= 4 else cores // 4)
     assert default_num_workers(torch.device("cuda")) == max(0, min(8, cores - 1))
     assert default_num_workers(torch.device("cuda"), processes_per_node=cores) == 0
+
+
+# -- the trainer on top: workers change nothing, resume is exact with them -------------------------
+SHIFTS = {  # digits shifted by up to a pixel, made as batched ops (in the workers on the CPU)
+    "datasets.digits.transforms": "@Transforms()",
+    "Transforms.augment": "[@albumentations.PadIfNeeded(), @albumentations.RandomCrop()]",
+    "albumentations.PadIfNeeded.min_height": 10, "albumentations.PadIfNeeded.min_width": 10,
+    "albumentations.RandomCrop.height": 8, "albumentations.RandomCrop.width": 8,
+    "train.device": "'cpu'",
+}
+AUXILEARN = {"weightings.auxilearn.outer_every": 3, "weightings.auxilearn.alpha": 0.1}
+
+
+def run(run_dir, steps, workers, resume=False, auxilearn=False):
+    import gin
+
+    from auxframe import config
+    from auxframe.experiment import train
+    from helpers import GIN, quick_bindings
+
+    gin.clear_config()
+    files = [GIN / "quickstart.gin"] + ([GIN / "weightings/auxilearn_linear.gin"] if auxilearn else [])
+    extra = {**SHIFTS, **(AUXILEARN if auxilearn else {}), "train.num_workers": workers}
+    config.parse(files, quick_bindings(steps=steps, **extra))
+    return train(run_dir=run_dir, resume=resume)
+
+
+@pytest.mark.parametrize("auxilearn", [False, True], ids=["equal", "auxilearn"])
+def test_resume_with_workers_ends_as_the_uninterrupted_run_without_them(tmp_path, auxilearn):
+    from auxframe.checkpoint import latest_checkpoint, load_checkpoint
+
+    run(tmp_path / "inline", 10, workers=0, auxilearn=auxilearn)
+    run(tmp_path / "split", 4, workers=2, auxilearn=auxilearn)
+    run(tmp_path / "split", 10, workers=2, resume=True, auxilearn=auxilearn)
+    a, b = (load_checkpoint(latest_checkpoint(tmp_path / d)) for d in ("inline", "split"))
+    assert a["step"] == b["step"] == 10 and a["loaders"] == b["loaders"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["weighting"].keys() == b["weighting"].keys()
+    rows = [__import__("json").loads(r) for r in (tmp_path / "split" / "scalars.jsonl").read_text().splitlines()]
+    timed = [r for r in rows if "time/step" in r]
+    assert timed and all(0.0 <= r["time/data"] <= r["time/step"] for r in timed)
