@@ -9,15 +9,16 @@ Sections:
 
 1. **Per-task gradients**, for K = 1, 5, 10, 39:
    * ``plain``: forward + backward of the summed loss + SGD step (one ordinary training step);
-   * ``param batched``: forward + the (K+1) x P Jacobian by one batched reverse pass with the
-     tasks folded into the batch (:mod:`auxframe.weighting.batched_backward`; on a CPU 4 tasks
-     per pass) + its Gramian;
-   * ``param vmap``: the same with one vmapped backward (``is_grads_batched``) instead;
+   * ``param fold``: forward + the (K+1) x P Jacobian by one batched reverse pass with the
+     tasks folded into the batch (the opt-in ``batched='fold'``,
+     :mod:`auxframe.weighting.batched_backward`; on a CPU 4 tasks per pass) + its Gramian;
+   * ``param vmap``: the same with one vmapped backward (``is_grads_batched``, the public path
+     ``batched='auto'`` takes on GPUs) instead;
    * ``param loop``: forward + one backward per task + Gramian;
    * ``repr step``: a whole training step that uses representation-space gradients: forward, the
      Gramian of dL_k/dz (one heads-only backward), then the update ``sum_k c_k g_k`` by
      :meth:`TaskGradients.backward` and the SGD step.
-   Goals at K = 39: ``repr step / plain <= 1.5``; ``param batched / param loop <= 1`` on CPU and
+   Goals at K = 39: ``repr step / plain <= 1.5``; ``param fold / param loop <= 1`` on CPU and
    ``<= 0.5`` on a GPU.
 2. **ARML's weight step**, K = 2, 5, 39: the engine's ``fused`` pass (what ARML uses: one
    backbone backward with a graph gives d, one pass through it every inner product), and d by a
@@ -26,6 +27,15 @@ Sections:
    (the official code's form: the objective built by a backward with ``create_graph`` and
    differentiated in w by a second backward). Values are compared first. Goal: constant in K and
    ``ours / reference <= 1.0`` at every K.
+3. **The per-task Gramian against LibMTL's per-task loop**, K = 39 (``--libmtl-ks``): auxframe's
+   default (``TaskGradients(...).gramian``, ``batched='auto'``: the loop on CPUs, one vmapped
+   backward on GPUs) and the opt-in fold, against LibMTL's ``AbsWeighting._compute_grad`` in its
+   default ``mode='backward'`` as its code documents it, reimplemented here: per task a
+   ``backward(retain_graph=True)`` of that task's loss through the whole model, the shared
+   parameters' ``.grad`` copied into a host (CPU) vector (``_grad2vec``) and that vector into row
+   k of a device matrix, then the shared gradients zeroed; the Gramian ``G = J J^T`` of the rows.
+   Same model, same forward pass; the Gramians are compared first. Goals: auxframe / LibMTL
+   ``<= 0.5`` on a GPU, ``<= 1.0`` on a CPU.
 
 Run::
 
@@ -86,6 +96,28 @@ class Setting:
         losses, ctx = self.losses()
         return TaskGradients(losses, ctx, batched=batched).gramian(self.names)
 
+    # -- section 3 -------------------------------------------------------------------------------
+    def libmtl_gramian(self) -> torch.Tensor:
+        """LibMTL's ``_compute_grad(losses, mode='backward')`` then ``G = J J^T`` (see the module docs)."""
+        losses, ctx = self.losses()
+        shared = ctx.shared_parameters
+        sizes = [p.numel() for p in shared]
+        device = self.x.device
+        grads = torch.zeros(len(self.names), sum(sizes)).to(device)
+        for k, name in enumerate(self.names):
+            losses.mean(name).backward(retain_graph=k + 1 != len(self.names))
+            row = torch.zeros(sum(sizes))  # on the host, as _grad2vec allocates it
+            offset = 0
+            for p, n in zip(shared, sizes):
+                if p.grad is not None:
+                    row[offset:offset + n] = p.grad.data.view(-1)
+                offset += n
+            grads[k] = row
+            for p in shared:  # zero_grad_share_params
+                p.grad = None
+        self.model.zero_grad(set_to_none=True)  # (the heads' gradients, accumulated by every backward)
+        return grads @ grads.T
+
     def repr_step(self) -> None:
         losses, ctx = self.losses()
         engine = TaskGradients(losses, ctx, space="representation")
@@ -145,46 +177,65 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--ks", default="1,5,10,39")
     p.add_argument("--arml-ks", default="2,5,39")
+    p.add_argument("--libmtl-ks", default="39")
+    p.add_argument("--sections", default="1,2,3", help="comma-separated subset of 1,2,3")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     print(f"# gradient engine on {device} ({platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads)")
 
-    print("\n## 1. per-task gradients (ms per call, medians; ratios of medians)")
-    print(f"{'K':>3} {'plain':>8} {'param batched':>14} {'param vmap':>11} {'param loop':>11} {'repr step':>10} "
-          f"{'batched/loop':>13} {'vmap/loop':>10} {'repr/plain':>11}")
     gpu_goal = 0.5 if device.type == "cuda" else 1.0
-    for k in [int(x) for x in args.ks.split(",")]:
-        s = Setting(k, device)
-        with warnings.catch_warnings():  # a fallback to the loop would make the comparison moot
-            warnings.simplefilter("error", RuntimeWarning)
-            loop = s.param_jacobian(False)
-            torch.testing.assert_close(s.param_jacobian(True), loop, rtol=1e-3, atol=1e-5)
-            torch.testing.assert_close(s.param_jacobian("vmap"), loop, rtol=1e-3, atol=1e-5)
-        t = race({"plain": s.plain, "batched": lambda: s.param_jacobian(True), "vmap": lambda: s.param_jacobian("vmap"),
-                  "loop": lambda: s.param_jacobian(False), "repr": s.repr_step}, args.rounds, args.calls, sync)
-        bl, vl, rp = t["batched"] / t["loop"], t["vmap"] / t["loop"], t["repr"] / t["plain"]
-        print(f"{k:>3} {1e3 * t['plain']:>8.2f} {1e3 * t['batched']:>14.2f} {1e3 * t['vmap']:>11.2f} "
-              f"{1e3 * t['loop']:>11.2f} {1e3 * t['repr']:>10.2f} {bl:>13.2f} {vl:>10.2f} {rp:>11.2f}")
-        if k == 39:
-            print(f"    K=39 goals: repr step/plain {rp:.2f} <= 1.5 {verdict(rp, 1.5)}; "
-                  f"batched/loop {bl:.2f} <= {gpu_goal} {verdict(bl, gpu_goal)}")
+    sections = set(args.sections.split(","))
+    if "1" in sections:
+        print("\n## 1. per-task gradients (ms per call, medians; ratios of medians)")
+        print(f"{'K':>3} {'plain':>8} {'param fold':>14} {'param vmap':>11} {'param loop':>11} {'repr step':>10} "
+              f"{'fold/loop':>13} {'vmap/loop':>10} {'repr/plain':>11}")
+        for k in [int(x) for x in args.ks.split(",")]:
+            s = Setting(k, device)
+            with warnings.catch_warnings():  # a fallback to the loop would make the comparison moot
+                warnings.simplefilter("error", RuntimeWarning)
+                loop = s.param_jacobian("loop")
+                torch.testing.assert_close(s.param_jacobian("fold"), loop, rtol=1e-3, atol=1e-5)
+                torch.testing.assert_close(s.param_jacobian("vmap"), loop, rtol=1e-3, atol=1e-5)
+            t = race({"plain": s.plain, "batched": lambda: s.param_jacobian("fold"), "vmap": lambda: s.param_jacobian("vmap"),
+                      "loop": lambda: s.param_jacobian("loop"), "repr": s.repr_step}, args.rounds, args.calls, sync)
+            bl, vl, rp = t["batched"] / t["loop"], t["vmap"] / t["loop"], t["repr"] / t["plain"]
+            print(f"{k:>3} {1e3 * t['plain']:>8.2f} {1e3 * t['batched']:>14.2f} {1e3 * t['vmap']:>11.2f} "
+                  f"{1e3 * t['loop']:>11.2f} {1e3 * t['repr']:>10.2f} {bl:>13.2f} {vl:>10.2f} {rp:>11.2f}")
+            if k == 39:
+                print(f"    K=39 goals: repr step/plain {rp:.2f} <= 1.5 {verdict(rp, 1.5)}; "
+                      f"fold/loop {bl:.2f} <= {gpu_goal} {verdict(bl, gpu_goal)}")
 
-    print("\n## 2. ARML weight step (ms per call; engine / reference)")
-    print(f"{'K':>3} {'reference':>10} {'fused':>7} {'fwd-mode':>9} {'dbl-bwd':>8} {'fused/ref':>10} "
-          f"{'fwd/ref':>8} {'dbl/ref':>8}  max rel diff")
-    modes = ("fused", "forward", "reverse")
-    for k in [int(x) for x in args.arml_ks.split(",")]:
-        s = Setting(k, device)
-        ref = s.arml_reference()
-        diff = max(float(((s.arml_ours(m) - ref).abs() / ref.abs().clamp_min(1e-8)).max()) for m in modes)
-        t = race({"ref": s.arml_reference, **{m: (lambda m=m: s.arml_ours(m)) for m in modes}},
-                 args.rounds, args.calls, sync)
-        print(f"{k:>3} {1e3 * t['ref']:>10.2f} {1e3 * t['fused']:>7.2f} {1e3 * t['forward']:>9.2f} "
-              f"{1e3 * t['reverse']:>8.2f} {t['fused'] / t['ref']:>10.2f} {t['forward'] / t['ref']:>8.2f} "
-              f"{t['reverse'] / t['ref']:>8.2f}  {diff:.1e}")
-    print("    goal: ours/reference <= 1.0 at every K, and ours constant in K")
+    if "2" in sections:
+        print("\n## 2. ARML weight step (ms per call; engine / reference)")
+        print(f"{'K':>3} {'reference':>10} {'fused':>7} {'fwd-mode':>9} {'dbl-bwd':>8} {'fused/ref':>10} "
+              f"{'fwd/ref':>8} {'dbl/ref':>8}  max rel diff")
+        modes = ("fused", "forward", "reverse")
+        for k in [int(x) for x in args.arml_ks.split(",")]:
+            s = Setting(k, device)
+            ref = s.arml_reference()
+            diff = max(float(((s.arml_ours(m) - ref).abs() / ref.abs().clamp_min(1e-8)).max()) for m in modes)
+            t = race({"ref": s.arml_reference, **{m: (lambda m=m: s.arml_ours(m)) for m in modes}},
+                     args.rounds, args.calls, sync)
+            print(f"{k:>3} {1e3 * t['ref']:>10.2f} {1e3 * t['fused']:>7.2f} {1e3 * t['forward']:>9.2f} "
+                  f"{1e3 * t['reverse']:>8.2f} {t['fused'] / t['ref']:>10.2f} {t['forward'] / t['ref']:>8.2f} "
+                  f"{t['reverse'] / t['ref']:>8.2f}  {diff:.1e}")
+        print("    goal: ours/reference <= 1.0 at every K, and ours constant in K")
+
+    if "3" in sections:
+        print("\n## 3. per-task Gramian: auxframe against LibMTL's per-task loop (_compute_grad, mode='backward')")
+        print(f"{'K':>3} {'LibMTL':>8} {'default':>8} {'fold':>8} {'default/LibMTL':>15} {'fold/LibMTL':>12}  max rel diff")
+        for k in [int(x) for x in args.libmtl_ks.split(",")]:
+            s = Setting(k, device)
+            ref = s.libmtl_gramian()
+            diff = max(float(((s.param_jacobian(b) - ref).abs().max() / ref.abs().max())) for b in ("auto", "fold"))
+            t = race({"libmtl": s.libmtl_gramian, "auto": lambda: s.param_jacobian("auto"),
+                      "fold": lambda: s.param_jacobian("fold")}, args.rounds, args.calls, sync)
+            ratio = t["auto"] / t["libmtl"]
+            print(f"{k:>3} {1e3 * t['libmtl']:>8.2f} {1e3 * t['auto']:>8.2f} {1e3 * t['fold']:>8.2f} {ratio:>15.2f} "
+                  f"{t['fold'] / t['libmtl']:>12.2f}  {diff:.1e}")
+            print(f"    K={k} goal: default/LibMTL {ratio:.2f} <= {gpu_goal} {verdict(ratio, gpu_goal)}")
     return 0
 
 

@@ -173,21 +173,21 @@ def engine_step(backbone, batched, seed=0):
     return TaskGradients(losses, ctx, batched=batched), tasks, explicit
 
 
-def test_engine_falls_back_to_the_loop_with_one_warning_naming_the_op():
+def test_engine_falls_back_to_the_public_path_with_one_warning_naming_the_op():
     backbone = TanhNet()
-    engine, tasks, explicit = engine_step(backbone, batched=True)
+    engine, tasks, explicit = engine_step(backbone, batched="fold")
     with pytest.warns(RuntimeWarning, match="TanhBackward0") as record:
         jac = engine.jacobian(tasks)
     assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
     torch.testing.assert_close(jac, explicit, rtol=1e-5, atol=1e-7)
-    # The next step with the same backbone goes to the loop directly, without a second warning.
-    engine, tasks, explicit = engine_step(backbone, batched=True, seed=1)
+    # The next step with the same backbone takes the public path directly, without a second warning.
+    engine, tasks, explicit = engine_step(backbone, batched="fold", seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.testing.assert_close(engine.jacobian(tasks), explicit, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("batched", [True, "vmap", False, "auto"])
+@pytest.mark.parametrize("batched", ["fold", True, "vmap", False, "loop", "auto"])
 def test_engine_modes_agree_without_warnings(batched):
     engine, tasks, explicit = engine_step(SmallCNN((1, 8, 8), channels=(4, 3)), batched=batched)
     with warnings.catch_warnings():
@@ -227,11 +227,160 @@ def test_a_transient_failure_does_not_send_the_backbone_to_the_loop_for_good(mon
         return real(*args, **kwargs)
 
     monkeypatch.setattr(gradients_module, "batched_vjp", fails_once)
-    engine, tasks, explicit = engine_step(backbone, batched=True)
+    engine, tasks, explicit = engine_step(backbone, batched="fold")
     with pytest.warns(RuntimeWarning, match="for this step"):
         torch.testing.assert_close(engine.jacobian(tasks), explicit, rtol=1e-5, atol=1e-7)
-    engine, tasks, explicit = engine_step(backbone, batched=True, seed=1)
+    engine, tasks, explicit = engine_step(backbone, batched="fold", seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         torch.testing.assert_close(engine.jacobian(tasks), explicit, rtol=1e-5, atol=1e-7)
     assert len(calls) == 2  # the second step folded again
+
+
+# -- the public path on layers the folded pass has no rule for; the fold's own checks -----------------
+class TinyViT(nn.Module):
+    """Patch embedding, a class token (cat), position embedding, pre-norm attention and a GELU MLP."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 5, dim) * 0.1)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, num_heads=2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)  # (B, 4, dim)
+        h = torch.cat([self.cls.expand(len(x), -1, -1), tokens], dim=1) + self.pos
+        a = self.norm1(h)
+        h = h + self.attn(a, a, a, need_weights=False)[0]
+        h = h + self.mlp(self.norm2(h))
+        return self.norm3(h[:, 0])
+
+
+class TinyUNet(nn.Module):
+    """GroupNorm + SiLU blocks, a pooled path upsampled by interpolate and concatenated with the skip, Tanh."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.SiLU())
+        self.mid = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU())
+        self.up = nn.Conv2d(12, 4, 3, padding=1)
+
+    def forward(self, x):
+        skip = self.down(x)
+        h = self.mid(nn.functional.avg_pool2d(skip, 2))
+        h = nn.functional.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False)
+        h = torch.tanh(self.up(torch.cat([h, skip], dim=1)))
+        return h.mean(dim=(2, 3))
+
+
+def layer_step(backbone, batched, seed=0, k=5):
+    """A step with K + 1 tasks on one batch through ``backbone``, and one autograd.grad per task."""
+    torch.manual_seed(seed)
+    tasks = ["main", *[f"t{i}" for i in range(k)]]
+    dim = backbone(torch.zeros(2, 1, 8, 8)).shape[1]
+    model = MultiTaskModel(backbone, {t: ClassificationHead((dim,), 3) for t in tasks})
+    x = torch.randn(6, 1, 8, 8)
+    out, feats = model(x, tasks=tasks, return_features=True)
+    ce = nn.CrossEntropyLoss(reduction="none")
+    values = {t: ce(out[t], torch.randint(0, 3, (6,))) for t in tasks}
+    losses = TaskLosses(values, "main", tasks[1:], [tuple(tasks)], features=feats, inputs={t: x for t in tasks})
+    ctx = StepContext(step=0, model=model, shared_parameters=model.shared_parameters(), train_losses=None)
+    explicit = torch.stack([
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses.mean(t), ctx.shared_parameters, retain_graph=True)])
+        for t in tasks
+    ])
+    return TaskGradients(losses, ctx, batched=batched), tasks, explicit
+
+
+@pytest.mark.parametrize("make", [TinyViT, TinyUNet])
+@pytest.mark.parametrize("batched", ["vmap", "loop", "auto"])
+def test_public_path_on_vit_and_unet_layers_equals_one_backward_per_task(make, batched):
+    # GELU, SiLU, Tanh, LayerNorm, GroupNorm, attention, cat and interpolate: no rule needed.
+    engine, tasks, explicit = layer_step(make(), batched)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback: the batched pass itself
+        jac = engine.jacobian(tasks)
+    assert explicit.abs().max() > 0
+    torch.testing.assert_close(jac, explicit, rtol=1e-5, atol=1e-6 * float(explicit.abs().max()))
+    torch.testing.assert_close(engine.gramian(tasks), explicit @ explicit.T, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("make, op", [(TinyViT, "Backward0"), (TinyUNet, "Backward0")])
+def test_the_fold_on_layers_without_rules_falls_back_once_to_the_public_path(make, op):
+    backbone = make()
+    engine, tasks, explicit = layer_step(backbone, "fold")
+    with pytest.warns(RuntimeWarning, match=f"no folded rule for .*{op}.*public batched path") as record:
+        jac = engine.jacobian(tasks)
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    torch.testing.assert_close(jac, explicit, rtol=1e-5, atol=1e-6 * float(explicit.abs().max()))
+    engine, tasks, explicit = layer_step(backbone, "fold", seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        torch.testing.assert_close(engine.jacobian(tasks), explicit, rtol=1e-5, atol=1e-6 * float(explicit.abs().max()))
+
+
+def test_a_fold_rule_that_disagrees_with_autograd_is_caught_at_first_use(monkeypatch):
+    # A rule whose meaning drifted (here: ReLU's mask applied twice as strongly) gives other
+    # gradients; the first folded pass on a backbone is checked against the public path.
+    import auxframe.weighting.batched_backward as bb
+
+    real = bb.RULES["ReluBackward0"]
+    monkeypatch.setitem(bb.RULES, "ReluBackward0", lambda node, grads, need, k: [2 * g for g in real(node, grads, need, k)])
+    backbone = SmallCNN((1, 8, 8), channels=(4, 3))
+    engine, tasks, explicit = engine_step(backbone, batched="fold")
+    with pytest.warns(RuntimeWarning, match="folded backward differs from autograd's in SmallCNN") as record:
+        jac = engine.jacobian(tasks)
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    torch.testing.assert_close(jac, explicit, rtol=1e-5, atol=1e-7)  # the public path's numbers
+    calls = []
+    monkeypatch.setattr(gradients_module(), "batched_vjp", lambda *a, **k: calls.append(1))
+    engine, tasks, explicit = engine_step(backbone, batched="fold", seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        torch.testing.assert_close(engine.jacobian(tasks), explicit, rtol=1e-5, atol=1e-7)
+    assert not calls  # that backbone does not fold again
+
+
+def test_a_correct_fold_is_checked_once_then_trusted(monkeypatch):
+    gradients = gradients_module()
+    backbone = SmallCNN((1, 8, 8), channels=(4, 3))
+    checks = []
+    real = gradients._disagreement
+    monkeypatch.setattr(gradients, "_disagreement", lambda *a: checks.append(1) or real(*a))
+    for seed in range(3):
+        engine, tasks, explicit = engine_step(backbone, batched="fold", seed=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            torch.testing.assert_close(engine.jacobian(tasks), explicit, rtol=1e-5, atol=1e-7)
+    assert len(checks) == 1
+    backbone.eval()  # eval mode is another graph (BatchNorm's running statistics): checked again
+    engine, tasks, explicit = engine_step(backbone, batched="fold", seed=3)
+    torch.testing.assert_close(engine.jacobian(tasks), explicit, rtol=1e-5, atol=1e-7)
+    assert len(checks) == 2
+
+
+def test_the_fold_is_off_on_untested_torch_versions(monkeypatch):
+    gradients = gradients_module()
+    monkeypatch.setattr(gradients, "FOLD_TESTED_TORCH", ("1.13.",))
+    monkeypatch.setattr(gradients, "_untested_torch_said", False)
+    monkeypatch.setattr(gradients, "batched_vjp", lambda *a, **k: pytest.fail("folded on an untested torch"))
+    engine, tasks, explicit = engine_step(SmallCNN((1, 8, 8), channels=(4, 3)), batched="fold")
+    with pytest.warns(RuntimeWarning, match=r"tested on torch 1\.13\.x, not 2"):
+        torch.testing.assert_close(engine.jacobian(tasks), explicit, rtol=1e-5, atol=1e-7)
+
+
+def test_auto_folds_only_when_asked_by_the_environment(monkeypatch):
+    gradients = gradients_module()
+    monkeypatch.setitem(gradients.AUTO_BATCHED, "cpu", "vmap")  # as on a GPU
+    assert engine_step(SmallCNN((1, 8, 8), channels=(4, 3)), batched="auto")[0].batched == "vmap"
+    monkeypatch.setenv(gradients.FOLD_ENV, "1")
+    assert engine_step(SmallCNN((1, 8, 8), channels=(4, 3)), batched="auto")[0].batched == "fold"
+
+
+def gradients_module():
+    import auxframe.weighting.gradients as module
+
+    return module

@@ -92,10 +92,13 @@ def batched_vjp(
     order, relevant = _relevant_nodes(output.grad_fn, targets)
     if output.grad_fn not in relevant:
         return [None] * len(params)
-    if chunk is None or chunk >= rows.shape[0]:
-        return _reverse_pass(output, rows, order, relevant, targets, len(params))
-    parts = [_reverse_pass(output, r, order, relevant, targets, len(params)) for r in rows.split(chunk)]
-    return [None if g[0] is None else torch.cat(g) for g in zip(*parts)]
+    # Without gradient: the rules' arithmetic on saved tensors (parameters among them) must not
+    # record a graph of its own; the results are plain gradients, as autograd.grad returns them.
+    with torch.no_grad():
+        if chunk is None or chunk >= rows.shape[0]:
+            return _reverse_pass(output, rows, order, relevant, targets, len(params))
+        parts = [_reverse_pass(output, r, order, relevant, targets, len(params)) for r in rows.split(chunk)]
+        return [None if g[0] is None else torch.cat(g) for g in zip(*parts)]
 
 
 def _reverse_pass(output, rows, order, relevant, targets, n: int) -> list[torch.Tensor | None]:

@@ -20,14 +20,16 @@ How each quantity is computed:
 
 * Gramian: the Jacobian ``J`` (tasks x parameters), then ``J @ J.T``. The heads are traversed
   once for all tasks (the representation gradients above); only the backbone part
-  ``(dz/dW)^T dL_k/dz`` is per task: on GPUs one *batched* reverse pass over the graph the
-  forward pass recorded, with the tasks folded into the batch dimension (each convolution,
-  BatchNorm, pooling ... node once at batch ``K * B``; :mod:`auxframe.weighting.batched_backward`),
-  on CPUs one backward per task (faster there; see bench/gradient_engine.py). A backbone with an
-  operation the batched pass has no rule for gets the loop, with one warning naming the
-  operation. In representation space the heads-only backward gives ``J`` directly; without
-  recorded representations (or in ``'last_shared'`` space) the Jacobian comes from the losses by
-  one backward per task, or a vmapped backward (``is_grads_batched``) when batched.
+  ``(dz/dW)^T dL_k/dz`` is per task, on public autograd: on GPUs one vmapped reverse pass over
+  the graph the forward pass recorded (``autograd.grad(..., is_grads_batched=True)``), on CPUs one
+  backward per task (faster there; see bench/gradient_engine.py). Any layer autograd
+  differentiates works, with no per-operation code. The folded backward
+  (:mod:`auxframe.weighting.batched_backward`: the tasks folded into the batch dimension by
+  hand-written rules, each convolution, BatchNorm, pooling ... node once at batch ``K * B``) is an
+  opt-in fast path (``batched='fold'``), version-gated and checked against the public path at
+  its first use on each backbone. In representation space the heads-only backward gives ``J``
+  directly; without recorded representations (or in ``'last_shared'`` space) the Jacobian comes
+  from the losses by one backward per task, or a vmapped backward when batched.
 * ``d = sum_k c_k g_k`` with ``<g_j, d>`` for all j (ARML, OL_AUX): one backbone backward with a
   graph gives d, one more pass through that graph gives every inner product - less work than
   the reference code's double backward through the whole model, at any K.
@@ -48,6 +50,7 @@ Under ``torchrun`` every gradient-derived quantity is averaged over the ranks (s
 
 from __future__ import annotations
 
+import os
 import warnings
 import weakref
 from typing import Callable, Mapping, Sequence
@@ -68,14 +71,26 @@ GramianToWeights = Callable[[torch.Tensor], torch.Tensor]
 
 SPACES = ("shared", "last_shared", "representation")
 JVP_MODES = ("forward", "reverse")
-BATCHED = ("auto", True, False, "vmap")
-# What batched='auto' means per device type (bench/gradient_engine.py; see TaskGradients).
-AUTO_BATCHED: dict[str, bool | str] = {"cpu": False, "cuda": True}
-AUTO_MIN_ROWS = 3  # 'auto' loops over groups of fewer tasks (H200: folded / loop 1.1 at 2 tasks)
+BATCHED = ("auto", "vmap", "loop", "fold", True, False)
+# What batched='auto' means per device type (bench/gradient_engine.py; see TaskGradients): the
+# public autograd paths, the loop on CPUs, one vmapped backward on GPUs.
+AUTO_BATCHED: dict[str, str] = {"cpu": "loop", "cuda": "vmap"}
+AUTO_MIN_ROWS = 3  # 'auto' loops over groups of fewer tasks (H200: batched / loop 1.0-1.1 at 2 tasks)
+#: Setting this environment variable to 1 makes batched='auto' use the folded backward where it
+#: would batch (GPUs), after its checks (see TaskGradients).
+FOLD_ENV = "AUXFRAME_FOLDED_BACKWARD"
+#: torch versions the folded backward's rules were written and tested against (it reads autograd
+#: nodes' private saved tensors, whose meaning may change between releases).
+FOLD_TESTED_TORCH = ("2.14.",)
 # Rows per folded pass: on CPUs 4 keep the gradients in the cache (K = 39: 1.03 of the loop, all 39 at once 1.45).
 FOLD_CHUNK: dict[str, int] = {"cpu": 4}
-# backbone -> {training: reason}: backbones whose graph has a node without a batched rule.
-_FOLD_UNSUPPORTED: "weakref.WeakKeyDictionary[nn.Module, dict[bool, str]]" = weakref.WeakKeyDictionary()
+_CHECKED = "checked"
+# backbone -> {training: _CHECKED, or why the folded pass is off for it}: each backbone's folded
+# pass is checked against the public path at first use (per train / eval mode).
+_FOLD_STATE: "weakref.WeakKeyDictionary[nn.Module, dict[bool, str]]" = weakref.WeakKeyDictionary()
+# backbones whose graph has an operation without a vmap rule (they get the loop).
+_NO_VMAP: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_untested_torch_said = False
 
 
 def check_space(space: str, method: str) -> str:
@@ -111,15 +126,24 @@ class TaskGradients:
         losses: the step's :class:`TaskLosses` (graph alive).
         ctx: the step context (model, shared parameters).
         space: ``'shared'``, ``'last_shared'`` or ``'representation'`` (see the module docs).
-        batched: the backbone's per-task part of the Jacobian by one reverse pass with the tasks
-            folded into the batch (True), by one vmapped backward (``'vmap'``), or by one
-            backward per task (False). ``'auto'`` (default): folded on GPUs for three or more
-            tasks on a batch, else the loop. bench/gradient_engine.py (small CNN, batch 64),
-            folded / loop at K = 1, 5, 10, 39 auxiliary tasks, three runs: H200 1.07-1.11,
-            0.58-0.81, 0.54-0.62, 0.31-0.39 (vmap / loop 0.99-1.01, 0.72-0.79, 0.65-0.70,
-            0.49-0.59); one CPU thread
-            1.5-2.0 (vmap 1.0-1.1): on a CPU a convolution's backward at batch ``K * B`` is
-            slower than K at batch B, whose activations stay in the cache.
+        batched: how the backbone's per-task part of the Jacobian is computed. The public
+            autograd paths: ``'vmap'`` (or True), one vmapped backward
+            (``autograd.grad(..., is_grads_batched=True)``); ``'loop'`` (or False), one backward
+            per task. ``'auto'`` (default): ``'vmap'`` on GPUs for three or more tasks on a batch,
+            else the loop. They need no per-operation code: any layer autograd differentiates
+            (GELU, SiLU, LayerNorm, GroupNorm, attention, ``cat``, ``interpolate``) works.
+            ``'fold'``: the opt-in fast path of :mod:`auxframe.weighting.batched_backward`, one
+            reverse pass with the tasks folded into the batch by hand-written rules that read
+            autograd nodes' private saved tensors. It runs only on the torch versions it was
+            tested on (:data:`FOLD_TESTED_TORCH`), checks itself against ``'vmap'`` once per
+            backbone (and train / eval mode) at first use, and falls back to the public path
+            with one warning on a mismatch, an untested torch or an operation without a rule.
+            With the environment variable ``AUXFRAME_FOLDED_BACKWARD=1``, ``'auto'`` folds
+            where it would batch. bench/gradient_engine.py (small CNN, batch 64), folded / loop
+            at K = 1, 5, 10, 39 auxiliary tasks, three runs: H200 1.07-1.11, 0.58-0.81,
+            0.54-0.62, 0.31-0.39 (vmap / loop 0.99-1.01, 0.72-0.79, 0.65-0.70, 0.49-0.59); one
+            CPU thread 1.5-2.0 (vmap 1.0-1.1): on a CPU a convolution's backward at batch
+            ``K * B`` is slower than K at batch B, whose activations stay in the cache.
         jvp: ``'forward'`` or ``'reverse'``: how :meth:`inner_products` gets ``J v``.
     """
 
@@ -140,8 +164,12 @@ class TaskGradients:
             raise ConfigError(f"TaskGradients: batched must be one of {BATCHED}, got {batched!r}.")
         device = next(iter(ctx.shared_parameters)).device.type
         self._auto = batched == "auto"
-        self.batched = {True: "fold", False: None, "vmap": "vmap"}[AUTO_BATCHED.get(device, True)
-                                                                  if self._auto else batched]
+        mode = {True: "vmap", False: "loop"}.get(batched, batched)
+        if self._auto:
+            mode = AUTO_BATCHED.get(device, "vmap")
+            if mode == "vmap" and os.environ.get(FOLD_ENV) == "1":
+                mode = "fold"
+        self.batched = None if mode == "loop" else mode  # None: the loop
         self.jvp = jvp
         if space == "last_shared":
             self.params = last_shared_layer(self.model.backbone)
@@ -263,33 +291,75 @@ class TaskGradients:
 
     def _batched_grad(self, output: torch.Tensor, rows: torch.Tensor):
         """Per-row gradients by one batched reverse pass (``'fold'``: tasks folded into the batch,
-        see :mod:`auxframe.weighting.batched_backward`; ``'vmap'``: a vmapped backward), or None
-        (then the caller loops) where an operation of the backbone has no batched rule."""
+        see :mod:`auxframe.weighting.batched_backward`, where it is checked to apply; else a
+        vmapped backward), or None (then the caller loops) where an operation of the backbone
+        has no vmap rule."""
         if self.batched == "fold":
-            backbone = self.model.backbone
-            if _FOLD_UNSUPPORTED.get(backbone, {}).get(backbone.training):
-                return None
-            try:
-                return batched_vjp(output, rows, self.params, chunk=FOLD_CHUNK.get(output.device.type))
-            except Unsupported as err:
-                if err.transient:  # this graph's state, not the backbone's: fold again next time
-                    warnings.warn(f"batched per-task gradients: {err}; using one backward per task for "
-                                  f"this step", RuntimeWarning, stacklevel=3)
-                    return None
-                _FOLD_UNSUPPORTED.setdefault(backbone, {})[backbone.training] = str(err)
-                warnings.warn(f"batched per-task gradients: no batched rule for {err} in "
-                              f"{type(backbone).__name__}; using one backward per task for this backbone",
-                              RuntimeWarning, stacklevel=3)
-                return None
+            grads = self._folded_grad(output, rows)
+            if grads is not None:
+                return grads
+        return self._vmapped_grad(output, rows)
+
+    def _vmapped_grad(self, output: torch.Tensor, rows: torch.Tensor):
+        """The public batched path, ``autograd.grad(..., is_grads_batched=True)``, or None."""
+        backbone = self.model.backbone
+        if backbone in _NO_VMAP:
+            return None
         try:
             return torch.autograd.grad(
                 output, self.params, grad_outputs=rows, is_grads_batched=True, retain_graph=True, allow_unused=True
             )
         except RuntimeError as err:  # e.g. an op without a vmap rule: fall back to the loop
-            warnings.warn(f"batched per-task gradients failed ({str(err).splitlines()[0]}); using one "
-                          f"backward per task instead", RuntimeWarning, stacklevel=3)
-            self.batched = None
+            _NO_VMAP.add(backbone)
+            warnings.warn(f"batched per-task gradients failed in {type(backbone).__name__} "
+                          f"({str(err).splitlines()[0]}); using one backward per task for this backbone",
+                          RuntimeWarning, stacklevel=4)
             return None
+
+    def _folded_grad(self, output: torch.Tensor, rows: torch.Tensor):
+        """The opt-in folded pass where it applies to this backbone, or None (then the public path).
+
+        Off on untested torch versions; at the first use per backbone and mode checked against the
+        public path, and off for that backbone on a mismatch or an operation without a rule, each
+        said once.
+        """
+        global _untested_torch_said
+        if not torch.__version__.startswith(FOLD_TESTED_TORCH):
+            if not _untested_torch_said:
+                _untested_torch_said = True
+                warnings.warn(f"batched per-task gradients: the folded backward was tested on torch "
+                              f"{', '.join(v + 'x' for v in FOLD_TESTED_TORCH)}, not {torch.__version__}; using "
+                              f"the public batched path (is_grads_batched) instead", RuntimeWarning, stacklevel=4)
+            return None
+        backbone = self.model.backbone
+        state = _FOLD_STATE.setdefault(backbone, {})
+        status = state.get(backbone.training)
+        if status not in (None, _CHECKED):
+            return None
+        try:
+            grads = batched_vjp(output, rows, self.params, chunk=FOLD_CHUNK.get(output.device.type))
+        except Unsupported as err:
+            if err.transient:  # this graph's state, not the backbone's: fold again next time
+                warnings.warn(f"batched per-task gradients: {err}; using the public path for this step",
+                              RuntimeWarning, stacklevel=4)
+                return None
+            state[backbone.training] = f"no batched rule for {err}"
+            warnings.warn(f"batched per-task gradients: no folded rule for {err} in {type(backbone).__name__}; "
+                          f"using the public batched path for this backbone", RuntimeWarning, stacklevel=4)
+            return None
+        if status is None:  # first use for this backbone and mode: against the public path
+            public = self._vmapped_grad(output, rows)
+            if public is None:
+                public = _rowwise_grad(output, rows, self.params)
+            mismatch = _disagreement(grads, public, self.params)
+            if mismatch is not None:
+                state[backbone.training] = f"differs from the public path ({mismatch})"
+                warnings.warn(f"batched per-task gradients: the folded backward differs from autograd's in "
+                              f"{type(backbone).__name__} ({mismatch}); using the public batched path for this "
+                              f"backbone", RuntimeWarning, stacklevel=4)
+                return public
+            state[backbone.training] = _CHECKED
+        return grads
 
     def _by_base(self, tasks: Sequence[str]) -> list[tuple[torch.Tensor, list[str]]]:
         """Tasks grouped by the representation tensor (the batch) they were computed on."""
@@ -554,6 +624,28 @@ def _coefficients(values: Sequence[float | torch.Tensor], like: torch.Tensor) ->
     if all(isinstance(v, (int, float)) for v in values):
         return torch.tensor(values, dtype=like.dtype, device=like.device)
     return torch.stack([torch.as_tensor(v).to(like).reshape(()) for v in values])
+
+
+def _rowwise_grad(output: torch.Tensor, rows: torch.Tensor, params: Sequence[torch.Tensor]) -> list:
+    """``(d output / d p)^T rows[k]`` for every row by one backward each, stacked per parameter."""
+    per_row = [torch.autograd.grad(output, params, grad_outputs=r, retain_graph=True, allow_unused=True) for r in rows]
+    return [None if g[0] is None else torch.stack(g) for g in zip(*per_row)]
+
+
+def _disagreement(got: Sequence[torch.Tensor | None], expected: Sequence[torch.Tensor | None],
+                  params: Sequence[torch.Tensor]) -> str | None:
+    """Where two per-row gradient lists differ beyond rounding (relative to each parameter's
+    largest entry), as a short description; None when they agree."""
+    for i, (a, b) in enumerate(zip(got, expected)):
+        if (a is None) != (b is None):
+            return f"parameter {i} of shape {tuple(params[i].shape)} reached by one path only"
+        if a is None:
+            continue
+        tol = (3e-2 if b.dtype in (torch.float16, torch.bfloat16) else 1e-3) * float(b.detach().abs().max()) + 1e-30
+        err = float((a.detach().to(b.dtype) - b.detach()).abs().max())
+        if not err <= tol:  # (NaN fails too)
+            return f"parameter {i} of shape {tuple(params[i].shape)}: max difference {err:.3g}, tolerance {tol:.3g}"
+    return None
 
 
 def _flat(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]) -> torch.Tensor:
