@@ -156,14 +156,16 @@ class TanhNet(nn.Module):
         return torch.tanh(self.conv(x)).mean(dim=(2, 3))
 
 
-def engine_step(backbone, batched, seed=0):
+def engine_step(backbone, batched, seed=0, k=2, classes=2):
+    """A step with K + 1 tasks on one batch through ``backbone``, and one autograd.grad per task."""
     torch.manual_seed(seed)
-    tasks = ["main", "a", "b"]
-    model = MultiTaskModel(backbone, {t: ClassificationHead((3,), 2) for t in tasks})
+    tasks = ["main", *[f"t{i}" for i in range(k)]]
+    dim = backbone(torch.zeros(2, 1, 8, 8)).shape[1]
+    model = MultiTaskModel(backbone, {t: ClassificationHead((dim,), classes) for t in tasks})
     x = torch.randn(6, 1, 8, 8)
     out, feats = model(x, tasks=tasks, return_features=True)
     ce = nn.CrossEntropyLoss(reduction="none")
-    values = {t: ce(out[t], torch.randint(0, 2, (6,))) for t in tasks}
+    values = {t: ce(out[t], torch.randint(0, classes, (6,))) for t in tasks}
     losses = TaskLosses(values, "main", tasks[1:], [tuple(tasks)], features=feats, inputs={t: x for t in tasks})
     ctx = StepContext(step=0, model=model, shared_parameters=model.shared_parameters(), train_losses=None)
     explicit = torch.stack([
@@ -276,23 +278,8 @@ class TinyUNet(nn.Module):
         return h.mean(dim=(2, 3))
 
 
-def layer_step(backbone, batched, seed=0, k=5):
-    """A step with K + 1 tasks on one batch through ``backbone``, and one autograd.grad per task."""
-    torch.manual_seed(seed)
-    tasks = ["main", *[f"t{i}" for i in range(k)]]
-    dim = backbone(torch.zeros(2, 1, 8, 8)).shape[1]
-    model = MultiTaskModel(backbone, {t: ClassificationHead((dim,), 3) for t in tasks})
-    x = torch.randn(6, 1, 8, 8)
-    out, feats = model(x, tasks=tasks, return_features=True)
-    ce = nn.CrossEntropyLoss(reduction="none")
-    values = {t: ce(out[t], torch.randint(0, 3, (6,))) for t in tasks}
-    losses = TaskLosses(values, "main", tasks[1:], [tuple(tasks)], features=feats, inputs={t: x for t in tasks})
-    ctx = StepContext(step=0, model=model, shared_parameters=model.shared_parameters(), train_losses=None)
-    explicit = torch.stack([
-        torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses.mean(t), ctx.shared_parameters, retain_graph=True)])
-        for t in tasks
-    ])
-    return TaskGradients(losses, ctx, batched=batched), tasks, explicit
+def layer_step(backbone, batched, seed=0):
+    return engine_step(backbone, batched, seed=seed, k=5, classes=3)
 
 
 @pytest.mark.parametrize("make", [TinyViT, TinyUNet])
