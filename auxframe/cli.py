@@ -44,13 +44,17 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=[V1, V2, ...]",
                        help="a swept parameter and its values, e.g. 'torch.optim.Adam.lr=[1e-3, 1e-2]', or a dict with "
                             "list entries swept entry by entry (repeatable; the points are the cartesian product)")
-    sweep.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="also sweep train.seed over these seeds")
+    sweep.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                       help="also sweep the seeds: each sets train.seed and LowDataSplit.seed (the split)")
+    sweep.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="train N points at once, each in its own process with cores/N threads (default: 1)")
     sweep.add_argument("--sweep-dir", metavar="DIR",
                        help="where the point run directories and the summary go (default: sweeps/<config name>); "
                             "rerunning into it skips finished points and resumes interrupted ones")
     sweep.add_argument("--wandb-sweep", metavar="YAML",
                        help="write the grid as a W&B sweep configuration to YAML instead of training")
-    sweep.add_argument("--dry-run", action="store_true", help="list the points and their bindings, train nothing")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="parse every point's config and list the points and their bindings; train nothing")
 
     ls = sub.add_parser("list", help="list every plugin the registry found, with its package")
     ls.add_argument("kind", nargs="?", help="only this kind (backbones, heads, datasets, ...)")
@@ -124,6 +128,7 @@ def _sweep(args: argparse.Namespace) -> int:
         return 2
     points = sweep.grid_points(axes)
     if args.dry_run:
+        sweep.build_points(args.gin, args.gin_param, points)  # a config that does not parse is an error
         for p in points:
             print(f"{p.name}: {'; '.join(p.bindings)}")
         print(f"{len(points)} points")
@@ -136,13 +141,13 @@ def _sweep(args: argparse.Namespace) -> int:
         return 0
     sweep_dir = args.sweep_dir or str(Path("sweeps") / Path(args.gin[-1]).stem)
     try:
-        out = sweep.run_sweep(args.gin, args.gin_param, axes, sweep_dir)
+        out = sweep.run_sweep(args.gin, args.gin_param, axes, sweep_dir, jobs=args.jobs)
     except KeyboardInterrupt as stop:
         print(f"auxframe: {stop or 'interrupted'}. Run the same sweep command again to continue.", file=sys.stderr)
         return 130
     print()
     print(out["text"], end="")
-    print(f"summary: {out['markdown']} and {out['csv']}")
+    print(f"summary: {out['markdown']}, {out['csv']} (configurations) and {out['points_csv']} (points)")
     failed = [r for r in out["results"] if r.status.startswith("failed")]
     return 1 if failed else 0
 

@@ -129,7 +129,7 @@ def train(
 
         device_ = launch.device
         seed_everything(seed)
-        split_ = (split or LowDataSplit())(dataset)
+        split_ = (split or gin.get_configurable(LowDataSplit)())(dataset)  # LowDataSplit.* bindings apply
         resolved = resolve_tasks(tasks, dataset)
         model = build_model(backbone, tasks, resolved, dataset).to(device_)
         generators = {name: r.generator.to(device_) for name, r in resolved.items() if r.generator is not None}

@@ -1,4 +1,5 @@
-"""Grid sweeps over gin parameters: locally, one run directory per point, or as a W&B sweep.
+"""Sweeps over gin parameters: a grid (or a random / Bayesian search, :mod:`auxframe.search`),
+one run directory per point, trained one at a time or ``jobs`` at a time; or a W&B sweep file.
 
 A grid is one or more *axes*, each written as a gin binding whose value is a list of values::
 
@@ -9,15 +10,16 @@ A grid is one or more *axes*, each written as a gin binding whose value is a lis
 A dict whose entries are lists is swept entry by entry (the cartesian product of the entries'
 values; entries that are not lists stay fixed), so the last line gives six dicts such as
 ``{'parity': 0.1, 'rotation': 0.0}``. The points of the sweep are the cartesian product of all axes,
-the first axis varying slowest; ``seeds`` adds a ``train.seed`` axis.
+the first axis varying slowest; ``seeds`` adds an axis that sets ``train.seed`` and
+``LowDataSplit.seed`` together, so that a seed also draws the split.
 
-:func:`run_sweep` trains the points one after another, each in its own run directory
-``<sweep_dir>/<point name>`` (named from its values, e.g. ``lr=0.001,seed=0``). Rerunning the same
-sweep skips finished points (``metrics.json`` written, same config) and resumes interrupted ones
-from their latest checkpoint. It then writes ``summary.csv`` and ``summary.md`` with each point's
-values, the main task's validation and test metric and the best-on-validation state's metrics, and
-marks the point with the best validation metric (with several seeds, the configuration with the
-best mean over seeds).
+:func:`run_sweep` trains every point in its own run directory ``<sweep_dir>/<point name>`` (named
+from its values, e.g. ``lr=0.001,seed=0``): in this process with ``jobs=1``, else in ``jobs``
+child processes ``auxframe run ...`` at a time, each with ``cores // jobs`` threads. Rerunning the
+same sweep skips finished points (``metrics.json`` written, same config) and resumes interrupted
+ones from their latest checkpoint. It then writes the summary (:func:`write_summary`): the points
+grouped into *configurations* (the points that differ only in their seeds), each with the mean and
+95% interval over its seeds, the configuration with the best mean validation metric marked.
 
 :func:`wandb_sweep_config` writes the same grid as a W&B sweep (``method: grid``) whose command runs
 ``auxframe run`` with the same gin files and the point's bindings (``${args_no_hyphens}`` gives
@@ -32,17 +34,33 @@ import io
 import itertools
 import json
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from auxframe.errors import AuxframeError, ConfigError, RunDirError
+from auxframe.stats import Interval, mean_ci
 
 SUMMARY_CSV = "summary.csv"
+POINTS_CSV = "points.csv"
 SUMMARY_MD = "summary.md"
 SWEEP_FILE = "sweep.json"
+LOG_DIR = "logs"
 SEED_KEY = "train.seed"
+SPLIT_SEED_KEY = "LowDataSplit.seed"
+#: The parameters that only seed a run; the points that differ in nothing else form one configuration.
+SEED_KEYS = (SEED_KEY, SPLIT_SEED_KEY)
+#: The environment variables that set a child process's threads (OpenMP, MKL, OpenBLAS; torch's
+#: intra-op pool takes OMP_NUM_THREADS).
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _EXAMPLE = "--grid \"torch.optim.Adam.lr=[1e-3, 1e-2]\""
 
 
@@ -96,11 +114,19 @@ class Axis:
         key: the gin binding key, e.g. ``"torch.optim.Adam.lr"``.
         values: the values, in the order given.
         entries: for a dict axis, the swept dict keys (named in point names); empty otherwise.
+        also: more gin parameters bound to the same value at every point (the seeds axis binds
+            ``train.seed`` and ``LowDataSplit.seed`` together).
     """
 
     key: str
     values: tuple[AxisValue, ...]
     entries: tuple[str, ...] = ()
+    also: tuple[str, ...] = ()
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every gin parameter this axis binds: ``key``, then ``also`` (bound to the same value)."""
+        return (self.key, *self.also)
 
 
 def parse_grid(spec: str) -> Axis:
@@ -170,8 +196,14 @@ def _unique(where: str, values: list[AxisValue]) -> tuple[AxisValue, ...]:
 
 
 def seeds_axis(seeds: Sequence[int]) -> Axis:
-    """A ``train.seed`` axis over ``seeds``."""
-    return parse_grid(f"{SEED_KEY}=[{', '.join(str(int(s)) for s in seeds)}]")
+    """The ``--seeds`` axis: each seed sets ``train.seed`` and ``LowDataSplit.seed`` alike.
+
+    So a seed picks the model's initialisation, the data order *and* the split, and intervals over
+    seeds include split-to-split variation; two methods run on the same seeds see the same splits,
+    which is what makes their paired differences paired (:mod:`auxframe.stats`).
+    """
+    axis = parse_grid(f"{SEED_KEY}=[{', '.join(str(int(s)) for s in seeds)}]")
+    return Axis(axis.key, axis.values, also=(SPLIT_SEED_KEY,))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -195,6 +227,16 @@ class Point:
     columns: dict[str, str]
     values: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def configuration(self) -> tuple[tuple[str, str], ...]:
+        """The point's values without its seeds: the points of one configuration differ only in seeds."""
+        return tuple((k, v) for k, v in self.values.items() if k not in SEED_KEYS)
+
+    @property
+    def seed(self) -> tuple[tuple[str, str], ...]:
+        """The point's seed values (``train.seed``, ``LowDataSplit.seed``) where the sweep sets them."""
+        return tuple((k, v) for k, v in self.values.items() if k in SEED_KEYS)
+
 
 def grid_points(axes: Sequence[Axis]) -> list[Point]:
     """The cartesian product of the axes, the first axis varying slowest.
@@ -202,11 +244,12 @@ def grid_points(axes: Sequence[Axis]) -> list[Point]:
     Raises:
         ConfigError: two axes sweep the same gin parameter.
     """
-    keys = [a.key for a in axes]
+    keys = [k for a in axes for k in a.keys]
     repeated = sorted({k for k in keys if keys.count(k) > 1})
     if repeated:
-        raise ConfigError(f"{', '.join(repeated)} is swept more than once; give each parameter one --grid (or drop --seeds).")
-    labels = _short_labels(keys)
+        raise ConfigError(f"{', '.join(repeated)} is swept more than once; give each parameter one --grid (or drop --seeds, "
+                          f"which sweeps {SEED_KEY} and {SPLIT_SEED_KEY} together).")
+    labels = _short_labels([a.key for a in axes])
     points = []
     for combo in itertools.product(*(a.values for a in axes)):
         parts = []
@@ -217,9 +260,9 @@ def grid_points(axes: Sequence[Axis]) -> list[Point]:
                 parts.append(f"{label}={_slug(v.text)}")
         points.append(Point(
             name=",".join(parts) or "default",
-            bindings=tuple(f"{a.key} = {v.text}" for a, v in zip(axes, combo)),
+            bindings=tuple(f"{k} = {v.text}" for a, v in zip(axes, combo) for k in a.keys),
             columns={c: t for v in combo for c, t in v.columns},
-            values={a.key: v.text for a, v in zip(axes, combo)},
+            values={k: v.text for a, v in zip(axes, combo) for k in a.keys},
         ))
     return _unique_names(points)
 
@@ -255,14 +298,215 @@ def _unique_names(points: list[Point]) -> list[Point]:
     return out
 
 
-# -- running locally ----------------------------------------------------------------------------------
+# -- running ------------------------------------------------------------------------------------------
 @dataclass
 class PointResult:
-    """What a point's run gave (``status`` is ``done``, ``skipped``, ``failed: ...`` or ``not run``)."""
+    """What a point's run gave (``status`` is ``done``, ``skipped``, ``failed: ...``, ``interrupted``
+    or ``not run``)."""
 
     point: Point
     status: str
     metrics: dict[str, Any] | None = None
+
+
+def threads_per_job(jobs: int) -> int:
+    """The threads each of ``jobs`` parallel runs gets: the cores this process may use, divided by ``jobs``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // jobs)
+
+
+class PointRunner:
+    """Trains the points of one sweep into their run directories, in this process or in children.
+
+    With ``jobs=1`` a point trains in this process (:func:`auxframe.experiment.train`). With more,
+    each point is a child process ``python -m auxframe run --gin ... --run-dir <point>`` whose
+    OpenMP/MKL threads are ``threads_per_job(jobs)`` (set in its environment before it imports
+    torch: two torch processes with every core each slow each other down by an order of magnitude),
+    with its output in ``<sweep_dir>/logs/<point>.log``. A child process rather than a
+    multiprocessing worker: a crash or out-of-memory in one point cannot take the sweep down, gin's
+    global config is never shared, and each point is exactly the ``auxframe run`` a user can rerun.
+
+    Children run in their own session, so a Ctrl-C reaches only the sweep, which passes one SIGINT
+    on to every running point (each then checkpoints and stops, as ``auxframe run`` does) and
+    starts no more.
+
+    Args:
+        gin_files: the experiment's gin files.
+        gin_params: bindings for every point (before the point's own).
+        sweep_dir: the sweep's directory.
+        jobs: how many points train at once.
+        log: where progress lines go.
+    """
+
+    def __init__(self, gin_files: Sequence[str | Path], gin_params: Sequence[str], sweep_dir: str | Path,
+                 jobs: int = 1, log: Callable[[str], None] = print):
+        if not isinstance(jobs, int) or jobs < 1:
+            raise ConfigError(f"--jobs must be a positive integer, got {jobs!r}.")
+        self.gin_files, self.gin_params = [str(f) for f in gin_files], list(gin_params)
+        self.sweep_dir, self.jobs, self.log = Path(sweep_dir), jobs, log
+        self.threads = threads_per_job(jobs)
+        self._gin_lock = threading.Lock()  # gin's config is global: one point is parsed at a time
+        self._children: set[subprocess.Popen] = set()
+        self._children_lock = threading.Lock()
+        self.stopping = False
+
+    # -- states --------------------------------------------------------------------------------
+    def prepare(self, point: Point) -> str:
+        """Parse the point's config and check its directory: ``new``, ``done`` or ``resume``.
+
+        Raises:
+            ConfigError: the point's config does not parse.
+            RunDirError: its directory holds a run with another config, or is in use.
+        """
+        with self._gin_lock:
+            text = parse_point(self.gin_files, self.gin_params, point)
+            return _point_state(self.sweep_dir / point.name, text, point)
+
+    def higher_is_better(self, point: Point) -> bool:
+        """Whether the main metric of ``point``'s config is better when higher."""
+        with self._gin_lock:
+            parse_point(self.gin_files, self.gin_params, point)
+            return main_metric_higher_is_better()
+
+    # -- training ------------------------------------------------------------------------------
+    def run(self, point: Point, state: str, where: str = "") -> PointResult:
+        """Train one point (``state`` from :meth:`prepare`); a failure is a result, not an error."""
+        where = where or point.name
+        path = self.sweep_dir / point.name
+        if state == "done":
+            self.log(f"{where}: finished earlier, skipped")
+            return PointResult(point, "skipped", _read_metrics(path))
+        if self.stopping:
+            return PointResult(point, "not run")
+        self.log(f"{where}: {'resuming' if state == 'resume' else 'training'}")
+        if self.jobs == 1:
+            result = self._train_here(point, path, state == "resume")
+        else:
+            result = self._train_child(point, path, state == "resume")
+        if result.status == "done":
+            m = result.metrics
+            self.log(f"{where}: {m['main_task']} {m['main_metric']}: validation {m['val']:.4f}, test {m['test']:.4f}")
+        elif result.status != "not run":
+            self.log(f"{where}: {result.status}")
+        return result
+
+    def _train_here(self, point: Point, path: Path, resume: bool) -> PointResult:
+        from auxframe.experiment import train
+
+        parse_point(self.gin_files, self.gin_params, point)
+        try:
+            train(run_dir=path, resume=resume)
+        except AuxframeError as err:  # e.g. a learning rate that diverges: report it, go on with the rest
+            return PointResult(point, f"failed: {' '.join(str(err).split())}")
+        return PointResult(point, "done", _read_metrics(path))
+
+    def command(self, point: Point, resume: bool = False) -> list[str]:
+        """The ``auxframe run`` command line that trains ``point`` (what a child process runs)."""
+        cmd = [sys.executable, "-m", "auxframe", "run"]
+        for f in self.gin_files:
+            cmd += ["--gin", f]
+        for b in [*self.gin_params, *point.bindings]:
+            cmd += ["--gin-param", b]
+        return cmd + ["--run-dir", str(self.sweep_dir / point.name)] + (["--resume"] if resume else [])
+
+    def child_env(self) -> dict[str, str]:
+        """This process's environment with each child's thread count set."""
+        return {**os.environ, **{v: str(self.threads) for v in THREAD_VARIABLES}}
+
+    def _train_child(self, point: Point, path: Path, resume: bool) -> PointResult:
+        log_path = self.sweep_dir / LOG_DIR / f"{point.name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self._children_lock:
+            if self.stopping:
+                return PointResult(point, "not run")
+            with log_path.open("a") as out:
+                out.write(f"$ {' '.join(self.command(point, resume))}\n")
+                out.flush()
+                proc = subprocess.Popen(self.command(point, resume), stdout=out, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, env=self.child_env(), start_new_session=True)
+            self._children.add(proc)
+        try:
+            code = proc.wait()
+        finally:
+            with self._children_lock:
+                self._children.discard(proc)
+        if code == 0:
+            return PointResult(point, "done", _read_metrics(path))
+        if code == 130:
+            return PointResult(point, "interrupted")
+        return PointResult(point, f"failed: {_child_error(log_path, code)}")
+
+    def stop(self, signum: int = signal.SIGINT) -> None:
+        """Start no more points and pass ``signum`` on to every running one."""
+        with self._children_lock:
+            self.stopping = True
+            for proc in self._children:
+                try:
+                    proc.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    def run_all(self, jobs: Iterable[tuple[Point, str, str]]) -> list[PointResult]:
+        """Train ``(point, state, where)`` jobs, ``self.jobs`` at a time; results in the jobs' order.
+
+        Raises:
+            KeyboardInterrupt: the sweep was interrupted (after the running points checkpointed).
+        """
+        jobs = list(jobs)
+        if self.jobs == 1:
+            return [self.run(*job) for job in jobs]
+        with ThreadPoolExecutor(self.jobs) as pool, _sigterm_as_interrupt():
+            futures: list[Future] = [pool.submit(self.run, *job) for job in jobs]
+            try:
+                _wait_all(futures)
+            except KeyboardInterrupt:
+                self.log("interrupted: the running points checkpoint and stop; run the same command again to continue")
+                self.stop(signal.SIGINT)
+                try:
+                    _wait_all(futures)
+                except KeyboardInterrupt:  # a second Ctrl-C: stop the points at once
+                    self.stop(signal.SIGINT)
+                    _wait_all(futures)
+                raise KeyboardInterrupt("sweep interrupted") from None
+            results = [f.result() for f in futures]
+        if any(r.status == "interrupted" for r in results):  # a point was stopped from outside
+            raise KeyboardInterrupt("a point was interrupted")
+        return results
+
+
+def _wait_all(futures: Sequence[Future]) -> None:
+    pending = set(futures)
+    while pending:  # a timeout, so that Ctrl-C reaches this thread promptly
+        _, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+
+
+class _sigterm_as_interrupt:
+    """While a parallel sweep runs (in the main thread), SIGTERM stops it as Ctrl-C does."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
+def _child_error(log_path: Path, code: int) -> str:
+    """The one-line error of a failed ``auxframe run`` from its log, else its last line."""
+    text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+    marker = text.rfind("auxframe: error: ")
+    if marker >= 0:
+        return " ".join(text[marker + len("auxframe: error: "):].split())
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    last = lines[-1].strip() if lines else "no output"
+    return f"exit status {code}: {last} (see {log_path})"
 
 
 def run_sweep(
@@ -271,8 +515,9 @@ def run_sweep(
     axes: Sequence[Axis],
     sweep_dir: str | Path,
     log: Callable[[str], None] = print,
+    jobs: int = 1,
 ) -> dict[str, Any]:
-    """Train every point of the grid in turn, skipping finished ones, and write the summary.
+    """Train every point of the grid, skipping finished ones, and write the summary.
 
     Every point's config is built (and its directory checked) before any training, so that a bad
     binding stops the sweep before it costs anything.
@@ -283,34 +528,37 @@ def run_sweep(
         axes: the grid.
         sweep_dir: the sweep's directory; one run directory per point under it.
         log: where progress lines go.
+        jobs: how many points train at once (each in its own process when more than one).
 
     Returns:
-        ``{"results": [PointResult, ...], "best": PointResult | None, "csv": path, "markdown": path}``.
+        What :func:`write_summary` returns.
 
     Raises:
-        ConfigError: a point's config is invalid.
+        ConfigError: a point's config is invalid, or ``jobs`` is not a positive integer.
         RunDirError: a point's directory holds a run with another config, or is in use.
+        KeyboardInterrupt: the sweep was interrupted; rerunning it continues.
     """
-    sweep_dir = Path(sweep_dir)
+    runner = PointRunner(gin_files, gin_params, sweep_dir, jobs, log)
     points = grid_points(axes)
-    texts, higher = build_points(gin_files, gin_params, points)
-    states = {p.name: _point_state(sweep_dir / p.name, text, p) for p, text in zip(points, texts)}
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    _write(sweep_dir / SWEEP_FILE, json.dumps({
-        "gin_files": [str(f) for f in gin_files], "gin_params": list(gin_params),
-        "points": [{"name": p.name, "bindings": list(p.bindings)} for p in points],
-    }, indent=2) + "\n")
+    states = {p.name: runner.prepare(p) for p in points}
+    higher = runner.higher_is_better(points[0])
+    write_sweep_file(runner.sweep_dir, gin_files, gin_params, points, axes)
+    results = runner.run_all((p, states[p.name], f"[{i}/{len(points)}] {p.name}") for i, p in enumerate(points, 1))
+    return write_summary(results, runner.sweep_dir, higher)
 
-    results = []
-    for i, p in enumerate(points, 1):
-        where = f"[{i}/{len(points)}] {p.name}"
-        if states[p.name] == "done":
-            log(f"{where}: finished earlier, skipped")
-            results.append(PointResult(p, "skipped", _read_metrics(sweep_dir / p.name)))
-            continue
-        log(f"{where}: {'resuming' if states[p.name] == 'resume' else 'training'}")
-        results.append(_train_point(gin_files, gin_params, p, sweep_dir / p.name, states[p.name] == "resume", log))
-    return write_summary(results, sweep_dir, higher, seeded=_has_seeds(axes))
+
+def write_sweep_file(sweep_dir: Path, gin_files: Sequence[str | Path], gin_params: Sequence[str],
+                     points: Sequence[Point], axes: Sequence[Axis], **extra: Any) -> Path:
+    """Write ``sweep.json``: the gin files, the bindings, the axes and every point (read by ``auxframe report``)."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    path = sweep_dir / SWEEP_FILE
+    _write(path, json.dumps({
+        "gin_files": [str(f) for f in gin_files], "gin_params": list(gin_params),
+        "axes": [{"keys": list(a.keys), "values": [v.text for v in a.values]} for a in axes],
+        "points": [{"name": p.name, "bindings": list(p.bindings), "values": p.values} for p in points],
+        **extra,
+    }, indent=2) + "\n")
+    return path
 
 
 def build_points(gin_files: Sequence[str | Path], gin_params: Sequence[str], points: Sequence[Point]) -> tuple[list[str], bool]:
@@ -362,26 +610,8 @@ def _point_state(path: Path, config_text: str, point: Point) -> str:
     return "resume"
 
 
-def _train_point(gin_files, gin_params, point: Point, path: Path, resume: bool, log) -> PointResult:
-    from auxframe.experiment import train
-
-    parse_point(gin_files, gin_params, point)
-    try:
-        result = train(run_dir=path, resume=resume)
-    except AuxframeError as err:  # e.g. a learning rate that diverges: report it, go on with the rest
-        message = " ".join(str(err).split())
-        log(f"  failed: {message}")
-        return PointResult(point, f"failed: {message}")
-    log(f"  {result['main_task']} {result['main_metric']}: validation {result['val']:.4f}, test {result['test']:.4f}")
-    return PointResult(point, "done", _read_metrics(path))
-
-
 def _read_metrics(path: Path) -> dict[str, Any]:
     return json.loads((path / "metrics.json").read_text())
-
-
-def _has_seeds(axes: Sequence[Axis]) -> bool:
-    return any(a.key == SEED_KEY and len(a.values) > 1 for a in axes)
 
 
 def main_metric_higher_is_better() -> bool:
@@ -400,10 +630,116 @@ def main_metric_higher_is_better() -> bool:
 
 
 # -- summary ------------------------------------------------------------------------------------------
-_METRIC_COLUMNS = ("val", "test", "best_step", "best_val", "best_test")
+@dataclass
+class Configuration:
+    """The points of a sweep that differ only in their seeds, and their results.
+
+    Attributes:
+        values: swept gin key -> gin text of the value, seeds left out.
+        columns: summary column -> gin text (one column per swept parameter or dict entry).
+        results: one result per seed.
+    """
+
+    values: dict[str, str]
+    columns: dict[str, str]
+    results: list[PointResult]
+
+    @property
+    def label(self) -> str:
+        return "; ".join(f"{k} = {v}" for k, v in self.values.items()) or "(all points)"
+
+    def interval(self, metric: str) -> Interval:
+        """Mean and 95% interval over the finished seeds of ``metric``: ``val``, ``test``,
+        ``best_val`` or ``best_test`` (the best-on-validation state's)."""
+        return mean_ci([v for v in (_metric(r.metrics, metric) for r in self.results) if v is not None])
 
 
-def _row(r: PointResult) -> dict[str, Any]:
+def _metric(metrics: dict[str, Any] | None, name: str) -> float | None:
+    if not metrics:
+        return None
+    if name.startswith("best_"):
+        return (metrics.get("best") or {}).get(name[5:])
+    return metrics.get(name)
+
+
+def configurations(results: Sequence[PointResult]) -> list[Configuration]:
+    """Group the results by configuration (their values without the seeds), in order of first appearance."""
+    groups: dict[tuple, Configuration] = {}
+    for r in results:
+        key = r.point.configuration
+        if key not in groups:
+            columns = {c: t for c, t in r.point.columns.items() if c not in SEED_KEYS}
+            groups[key] = Configuration(dict(key), columns, [])
+        groups[key].results.append(r)
+    return list(groups.values())
+
+
+def best_index(scores: Sequence[float | None], higher_is_better: bool) -> int | None:
+    """Index of the best score (the first on ties), ignoring missing ones; None if all are missing."""
+    valid = [(s if higher_is_better else -s, -i) for i, s in enumerate(scores) if s is not None and not math.isnan(s)]
+    return -max(valid)[1] if valid else None
+
+
+_SCORES = ("best_val", "best_test", "val", "test")
+
+
+def write_summary(results: Sequence[PointResult], sweep_dir: Path, higher_is_better: bool) -> dict[str, Any]:
+    """Write the summary: ``summary.csv`` and ``summary.md`` over configurations, ``points.csv`` per point.
+
+    A configuration's score is the mean over its seeds of the validation metric of each run's
+    best-on-validation state (``best.val`` in ``metrics.json``); the configuration with the best
+    score is marked ``*``. Every score is given as its mean and 95% t interval over the seeds (see
+    :mod:`auxframe.stats`); choose on validation, report the chosen configuration's test metric.
+
+    Returns:
+        ``{"results", "configurations", "best", "csv", "points_csv", "markdown", "text"}``; ``best``
+        is the best :class:`Configuration` (None when no point finished).
+    """
+    groups = configurations(results)
+    scores = [g.interval("best_val") for g in groups]
+    best = best_index([s.mean for s in scores], higher_is_better)
+    seeded = any(len(g.results) > 1 for g in groups)
+
+    config_rows = []
+    for i, g in enumerate(groups):
+        row: dict[str, Any] = {"configuration": g.label, **g.columns,
+                               "seeds": f"{sum(1 for r in g.results if r.metrics)}/{len(g.results)}"}
+        for name in _SCORES:
+            ci = g.interval(name)
+            row.update({f"{name}_mean": _num(ci.mean), f"{name}_ci_low": _num(ci.low), f"{name}_ci_high": _num(ci.high)})
+        row["best"] = "*" if i == best else ""
+        config_rows.append(row)
+    _write_csv(sweep_dir / SUMMARY_CSV, config_rows)
+    _write_csv(sweep_dir / POINTS_CSV, [_point_row(r) for r in results])
+
+    metric = _metric_name(results)
+    what = "mean ± 95% interval over seeds" if seeded else "one seed per configuration"
+    lines = [f"# Sweep summary: {metric}", "",
+             f"Configurations ({what}); the best on validation ({'higher' if higher_is_better else 'lower'} is "
+             f"better) is marked *. `best_*` are the metrics of each run's best-on-validation state.", ""]
+    table = [{"configuration": g.label, "seeds": config_rows[i]["seeds"],
+              **{name: g.interval(name).format() for name in ("best_val", "best_test")},
+              "best": config_rows[i]["best"]} for i, g in enumerate(groups)]
+    lines += _markdown_table(list(table[0]), table) if table else []
+    if best is not None:
+        g = groups[best]
+        lines += ["", f"Best configuration: {g.label}: validation {g.interval('best_val').format()}, "
+                      f"test {g.interval('best_test').format()} ({config_rows[best]['seeds']} seeds)"]
+    points = [_point_row(r) for r in results]
+    lines += ["", "## Points", ""]
+    lines += _markdown_table([c for c in points[0] if c != "run_dir"], points) if points else []
+    text = "\n".join(lines) + "\n"
+    _write(sweep_dir / SUMMARY_MD, text)
+    return {"results": list(results), "configurations": groups, "best": groups[best] if best is not None else None,
+            "csv": sweep_dir / SUMMARY_CSV, "points_csv": sweep_dir / POINTS_CSV,
+            "markdown": sweep_dir / SUMMARY_MD, "text": text}
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else x
+
+
+def _point_row(r: PointResult) -> dict[str, Any]:
     m = r.metrics or {}
     best = m.get("best") or {}
     return {
@@ -414,49 +750,13 @@ def _row(r: PointResult) -> dict[str, Any]:
     }
 
 
-def best_index(scores: Sequence[float | None], higher_is_better: bool) -> int | None:
-    """Index of the best score (the first on ties), ignoring missing ones; None if all are missing."""
-    valid = [(s if higher_is_better else -s, -i) for i, s in enumerate(scores) if s is not None]
-    return -max(valid)[1] if valid else None
-
-
-def write_summary(results: Sequence[PointResult], sweep_dir: Path, higher_is_better: bool, seeded: bool = False) -> dict[str, Any]:
-    """Write ``summary.csv`` and ``summary.md``, marking the best point by validation metric.
-
-    The score of a point is the validation metric of its best-on-validation state (``best.val``
-    in its ``metrics.json``). With several seeds, the markdown also groups points by their other
-    values and marks the configuration with the best mean score.
-
-    Returns:
-        ``{"results", "best", "csv", "markdown", "text"}``; ``best`` is the best point's result.
-    """
-    rows = [_row(r) for r in results]
-    best = best_index([r["best_val"] for r in rows], higher_is_better)
-    for i, row in enumerate(rows):
-        row["best"] = "*" if i == best else ""
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write(sweep_dir / SUMMARY_CSV, buf.getvalue())
-
-    metric = _metric_name(results)
-    lines = [f"# Sweep summary: {metric}", "",
-             f"Best on validation ({'higher' if higher_is_better else 'lower'} is better) is marked *; "
-             f"`best_*` are the metrics of each run's best-on-validation state.", ""]
-    shown = [c for c in columns if c not in ("run_dir",)]
-    lines += _markdown_table(shown, rows)
-    if best is not None:
-        b = rows[best]
-        lines += ["", f"Best point: `{b['point']}`: validation {b['best_val']:.4f}, test {b['best_test']:.4f} "
-                      f"({'; '.join(results[best].point.bindings)})"]
-    if seeded:
-        lines += ["", *_seed_groups(results, rows, higher_is_better)]
-    text = "\n".join(lines) + "\n"
-    _write(sweep_dir / SUMMARY_MD, text)
-    return {"results": list(results), "best": results[best] if best is not None else None,
-            "csv": sweep_dir / SUMMARY_CSV, "markdown": sweep_dir / SUMMARY_MD, "text": text}
+    _write(path, buf.getvalue())
 
 
 def _metric_name(results: Sequence[PointResult]) -> str:
@@ -464,38 +764,6 @@ def _metric_name(results: Sequence[PointResult]) -> str:
         if r.metrics:
             return f"main task '{r.metrics['main_task']}', {r.metrics['main_metric']}"
     return "no point finished"
-
-
-def _seed_groups(results: Sequence[PointResult], rows: list[dict], higher_is_better: bool) -> list[str]:
-    """Mean and standard deviation over seeds of each configuration's best_val and best_test."""
-    groups: dict[tuple, list[int]] = {}
-    for i, r in enumerate(results):
-        key = tuple((k, v) for k, v in r.point.values.items() if k != SEED_KEY)
-        groups.setdefault(key, []).append(i)
-    table, means = [], []
-    for key, members in groups.items():
-        vals = [rows[i]["best_val"] for i in members if rows[i]["best_val"] is not None]
-        tests = [rows[i]["best_test"] for i in members if rows[i]["best_test"] is not None]
-        means.append(sum(vals) / len(vals) if vals else None)
-        table.append({"configuration": "; ".join(f"{k} = {v}" for k, v in key) or "(all)",
-                      "seeds": f"{len(vals)}/{len(members)}", "best_val": _mean_std(vals), "best_test": _mean_std(tests)})
-    best = best_index(means, higher_is_better)
-    for i, row in enumerate(table):
-        row["best"] = "*" if i == best else ""
-    lines = ["## Over seeds (mean ± standard deviation)", ""]
-    lines += _markdown_table(list(table[0]), table)
-    if best is not None:
-        lines += ["", f"Best configuration: {table[best]['configuration']}: validation {table[best]['best_val']}, "
-                      f"test {table[best]['best_test']}"]
-    return lines
-
-
-def _mean_std(xs: Sequence[float]) -> str:
-    if not xs:
-        return ""
-    mean = sum(xs) / len(xs)
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return f"{mean:.4f} ± {std:.4f}"
 
 
 def _markdown_table(columns: Sequence[str], rows: Sequence[dict]) -> list[str]:
@@ -550,19 +818,28 @@ def wandb_sweep_config(
         ``val``, the main task's final validation metric), ``parameters`` and ``command``.
     """
     grid_points(axes)  # the same checks as a local sweep
+    # An axis that binds several parameters (--seeds: train.seed and LowDataSplit.seed) is one W&B
+    # parameter, a gin macro that the command binds each of them to.
+    linked = {a.key: wandb_macro(a.key) for a in axes if a.also}
     command = ["${env}", "auxframe", "run"]
     for f in gin_files:
         command += ["--gin", str(f)]
-    for b in [*gin_params, *WANDB_BINDINGS]:
+    links = [f"{k} = %{linked[a.key]}" for a in axes if a.also for k in a.keys]
+    for b in [*gin_params, *WANDB_BINDINGS, *links]:
         command += ["--gin-param", b]
     command.append("${args_no_hyphens}")
     return {
         "name": name,
         "method": "grid",
         "metric": {"name": "val", "goal": "maximize" if higher_is_better else "minimize"},
-        "parameters": {a.key: {"values": [_wandb_value(v.text) for v in a.values]} for a in axes},
+        "parameters": {linked.get(a.key, a.key): {"values": [_wandb_value(v.text) for v in a.values]} for a in axes},
         "command": command,
     }
+
+
+def wandb_macro(key: str) -> str:
+    """The gin macro that stands for a linked axis in a W&B sweep: ``train.seed`` -> ``train_seed``."""
+    return re.sub(r"\W", "_", key)
 
 
 def write_wandb_sweep(path: str | Path, sweep: dict[str, Any], gin_files: Sequence[str | Path]) -> Path:
