@@ -36,6 +36,12 @@ Sections:
    k of a device matrix, then the shared gradients zeroed; the Gramian ``G = J J^T`` of the rows.
    Same model, same forward pass; the Gramians are compared first. Goals: auxframe / LibMTL
    ``<= 0.5`` on a GPU, ``<= 1.0`` on a CPU.
+4. **OL_AUX's and GradNorm's steps**, K = 5, 39 (``--step-ks``), each a whole step (forward,
+   what the method reads, the update into ``.grad``) computed two ways, values compared first:
+   OL_AUX's Gramian row ``<g_main, g_k>`` from the full Gramian (``gramian(tasks)[0, 1:]``, the
+   previous computation) against :meth:`TaskGradients.gramian_row` (one backward for g_main and
+   one forward-mode pass along it); GradNorm in ``space='shared'`` with its update by a backward
+   of the weighted loss after the norms (previous) against the engine's ``w @ J``.
 
 Run::
 
@@ -95,6 +101,31 @@ class Setting:
     def param_jacobian(self, batched: bool | str) -> torch.Tensor:
         losses, ctx = self.losses()
         return TaskGradients(losses, ctx, batched=batched).gramian(self.names)
+
+    # -- section 4 -------------------------------------------------------------------------------
+    def ol_aux_step(self, row_only: bool) -> torch.Tensor:
+        losses, ctx = self.losses()
+        engine = TaskGradients(losses, ctx)
+        if row_only:
+            row = engine.gramian_row(self.names[0], self.names[1:])
+        else:
+            row = engine.gramian(self.names)[0, 1:]
+        self.opt.zero_grad(set_to_none=True)
+        w = dict(zip(self.names, torch.linspace(1.0, 0.5, len(self.names))))
+        engine.backward(w, w)
+        return row
+
+    def gradnorm_step(self, by_engine: bool) -> list[torch.Tensor]:
+        losses, ctx = self.losses()
+        engine = TaskGradients(losses, ctx)
+        engine.norms(self.names)
+        self.opt.zero_grad(set_to_none=True)
+        w = torch.linspace(1.0, 0.5, len(self.names))
+        if by_engine:
+            engine.backward(dict(zip(self.names, w)), dict(zip(self.names, w)))
+        else:
+            sum(w[i] * losses.mean(t) for i, t in enumerate(self.names)).backward()
+        return [p.grad.clone() for p in self.model.parameters()]
 
     # -- section 3 -------------------------------------------------------------------------------
     def libmtl_gramian(self) -> torch.Tensor:
@@ -178,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ks", default="1,5,10,39")
     p.add_argument("--arml-ks", default="2,5,39")
     p.add_argument("--libmtl-ks", default="39")
-    p.add_argument("--sections", default="1,2,3", help="comma-separated subset of 1,2,3")
+    p.add_argument("--step-ks", default="5,39")
+    p.add_argument("--sections", default="1,2,3,4", help="comma-separated subset of 1,2,3,4")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -236,6 +268,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k:>3} {1e3 * t['libmtl']:>8.2f} {1e3 * t['auto']:>8.2f} {1e3 * t['fold']:>8.2f} {ratio:>15.2f} "
                   f"{t['fold'] / t['libmtl']:>12.2f}  {diff:.1e}")
             print(f"    K={k} goal: default/LibMTL {ratio:.2f} <= {gpu_goal} {verdict(ratio, gpu_goal)}")
+
+    if "4" in sections:
+        print("\n## 4. OL_AUX's Gramian row and GradNorm's update (ms per whole step; new / previous)")
+        print(f"{'K':>3} {'OL_AUX gramian':>15} {'OL_AUX row':>11} {'row/gramian':>12} {'GradNorm bwd':>13} "
+              f"{'GradNorm w@J':>13} {'w@J/bwd':>8}  max rel diff")
+        for k in [int(x) for x in args.step_ks.split(",")]:
+            s = Setting(k, device)
+            old, new = s.ol_aux_step(False), s.ol_aux_step(True)
+            diff = float((new - old).abs().max() / old.abs().max())
+            for a, b in zip(s.gradnorm_step(False), s.gradnorm_step(True)):
+                diff = max(diff, float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)))
+            t = race({"gram": lambda: s.ol_aux_step(False), "row": lambda: s.ol_aux_step(True),
+                      "bwd": lambda: s.gradnorm_step(False), "wj": lambda: s.gradnorm_step(True)},
+                     args.rounds, args.calls, sync)
+            print(f"{k:>3} {1e3 * t['gram']:>15.2f} {1e3 * t['row']:>11.2f} {t['row'] / t['gram']:>12.2f} "
+                  f"{1e3 * t['bwd']:>13.2f} {1e3 * t['wj']:>13.2f} {t['wj'] / t['bwd']:>8.2f}  {diff:.1e}")
     return 0
 
 

@@ -241,3 +241,96 @@ def test_a_gramian_weighting_of_the_wrong_shape_is_named():
 
     with pytest.raises(ConfigError, match=r"first_row returned \(3,\) for a \(4, 4\) Gramian.*shape \(4,\)"):
         TaskGradients(losses, ctx).gramian_backward(TASKS, first_row)
+
+
+# -- one Gramian row (OL_AUX) and the update that reuses it; GradNorm's update -------------------
+@pytest.mark.parametrize("jvp", ["forward", "reverse"])
+def test_one_gramian_row_and_the_update_equal_the_full_gramians_numbers(jvp):
+    # main, a, b share a batch (one forward-mode pass along g_main); rot is alone on its own batch
+    # (its gradient by the backward that the update then reuses).
+    model, losses, ctx = make_step(seed=9)
+    jac = explicit_jacobian(losses, ctx.shared_parameters)
+    engine = TaskGradients(losses, ctx, jvp=jvp)
+    row = engine.gramian_row("main", TASKS[1:])
+    torch.testing.assert_close(row, jac[1:] @ jac[0], rtol=1e-4, atol=1e-6 * float((jac @ jac.T).abs().max()))
+    assert not engine._jacobians  # no Jacobian, no T x T Gramian
+    assert "rot" in engine._rows and ("a" in engine._rows) == (jvp == "reverse")
+    shared = {"main": 1.0, "a": 0.5, "b": 0.0, "rot": torch.tensor(2.0)}
+    engine.backward(shared, shared)
+    got = torch.cat([p.grad.reshape(-1) for p in ctx.shared_parameters])
+    torch.testing.assert_close(got, torch.tensor([1.0, 0.5, 0.0, 2.0]) @ jac, rtol=1e-5, atol=1e-7)
+    expected_head = torch.autograd.grad(2.0 * losses.mean("rot"), model.head_parameters("rot"), retain_graph=True)
+    for g, p in zip(expected_head, model.head_parameters("rot")):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_a_gramian_row_with_dropout_takes_one_backward_per_task():
+    from auxframe.models.backbones import MLP
+
+    torch.manual_seed(0)
+    backbone = MLP((1, 4, 4), hidden=(7,), dropout=0.3)
+    model = MultiTaskModel(backbone, {t: ClassificationHead((7,), 3) for t in TASKS})
+    x = torch.randn(8, 1, 4, 4)
+    out, feats = model(x, tasks=TASKS, return_features=True)
+    values = {t: nn.functional.cross_entropy(out[t], torch.randint(0, 3, (8,)), reduction="none") for t in TASKS}
+    losses = TaskLosses(values, "main", TASKS[1:], [tuple(TASKS)], features=feats, inputs={t: x for t in TASKS})
+    ctx = StepContext(step=0, model=model, shared_parameters=model.shared_parameters(), train_losses=None)
+    jac = explicit_jacobian(losses, ctx.shared_parameters)  # with the masks this forward pass drew
+    engine = TaskGradients(losses, ctx)
+    torch.testing.assert_close(engine.gramian_row("main", TASKS[1:]), jac[1:] @ jac[0], rtol=1e-5, atol=1e-8)
+    assert set(engine._rows) == set(TASKS)
+
+
+def test_ol_aux_accumulates_the_main_row_and_updates_like_the_old_computation():
+    from auxframe.weighting.base import WeightingSetup
+    from auxframe.weighting.gradient_based import OLAux
+
+    model, losses, ctx = make_step(seed=10)
+    jac = explicit_jacobian(losses, ctx.shared_parameters)
+    heads = {t: torch.autograd.grad(losses.mean(t), model.head_parameters(t), retain_graph=True) for t in TASKS}
+    method = OLAux(horizon=3)
+    method.setup(WeightingSetup("main", TASKS[1:], model, ctx.shared_parameters, torch.device("cpu"), 10, 1))
+    method.w = torch.tensor([1.0, 0.5, 2.0, 0.25])
+    method.backward(losses, ctx)
+    # the old computation: the Gramian's first row, and sum_k w_k g_k
+    gram = jac @ jac.T
+    torch.testing.assert_close(method.acc, gram[0, 1:], rtol=1e-4, atol=1e-6 * float(gram.abs().max()))
+    got = torch.cat([p.grad.reshape(-1) for p in ctx.shared_parameters])
+    torch.testing.assert_close(got, method.w @ jac, rtol=1e-5, atol=1e-7)
+    for t, w in zip(TASKS, method.w):
+        for g, p in zip(heads[t], model.head_parameters(t)):
+            torch.testing.assert_close(p.grad, w * g)
+
+
+@pytest.mark.parametrize("space", ["shared", "last_shared"])
+def test_gradnorm_updates_the_model_as_the_backward_of_its_weighted_loss(space):
+    # The reference is the old computation: autograd of sum_t w_t L_t for the model, and the
+    # weights' step from the per-task gradient norms of explicit autograd.grad calls.
+    from auxframe.weighting.base import WeightingSetup
+    from auxframe.weighting.gradient_based import GradNorm
+
+    model, losses, ctx = make_step(seed=11)
+    method = GradNorm(space=space)
+    method.setup(WeightingSetup("main", TASKS[1:], model, ctx.shared_parameters, torch.device("cpu"), 10, 1))
+    with torch.no_grad():
+        method.w.copy_(torch.tensor([1.2, 0.8, 1.5, 0.5]))
+    w = method.w.detach().clone()
+    space_params = ctx.shared_parameters if space == "shared" else last_shared_layer(model.backbone)
+    norms = explicit_jacobian(losses, space_params).norm(dim=1)
+    params = list(model.parameters())
+    expected = torch.autograd.grad(sum(w[i] * losses.mean(t) for i, t in enumerate(TASKS)), params, retain_graph=True)
+    reference = GradNorm(space=space)
+    reference.setup(WeightingSetup("main", TASKS[1:], model, ctx.shared_parameters, torch.device("cpu"), 10, 1))
+    with torch.no_grad():
+        reference.w.copy_(w)
+    expected_w_grad = reference.weight_gradient(losses, norms)
+    total = method.backward(losses, ctx)
+    for p, g in zip(params, expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    reference.optimizer.zero_grad()
+    reference.w.grad = expected_w_grad
+    reference.optimizer.step()
+    with torch.no_grad():
+        reference.w.clamp_(min=0).mul_(4 / reference.w.sum())
+    torch.testing.assert_close(method.w, reference.w, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(total, (w @ losses.means(TASKS)).detach())

@@ -81,10 +81,13 @@ class GradNorm(_Coefficients):
         return torch.sign(g - target) * norms
 
     def backward(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
-        norms = self.engine(losses, ctx).norms(self.names)
-        total = self.combine(losses, ctx)
+        engine = self.engine(losses, ctx)
+        norms = engine.norms(self.names)
+        w = dict(zip(self.names, self.current().detach().clone()))
         grad = self.weight_gradient(losses, norms)
-        total.backward()
+        # The model's update sum_t w_t grad L_t by the engine, which reuses what the norms cost:
+        # in 'shared' space w @ J (no further backward at all), in the others the heads' pass.
+        total = engine.backward(w, w)
         self.optimizer.zero_grad(set_to_none=True)
         self.w.grad = grad.to(self.w)
         self.optimizer.step()
@@ -205,9 +208,10 @@ class OLAux(_Coefficients):
         w_k <- w_k + weight_lr * mean over the horizon of <g_main, g_k>
 
     clamped at 0 unless ``nonnegative=False``. The model trains on ``L_main + sum_k w_k L_k``.
-    The inner products come from the per-task gradients, one backbone pass per task on its own
-    batch; the update is their combination, so a task alone on its batch (a self-supervised task)
-    costs no more than in Equal.
+    The inner products are one row of the Gramian (:meth:`TaskGradients.gramian_row`): ``g_main``
+    by one backbone pass, the tasks on a batch by one forward-mode pass along it, whatever their
+    number; a task alone on its batch (a self-supervised task) by the backward its update needs
+    anyway.
 
     Args:
         horizon: steps per weight update (the paper's N).
@@ -229,10 +233,10 @@ class OLAux(_Coefficients):
 
     def backward(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
         engine = self.engine(losses, ctx)
-        # The per-task gradients (one backbone pass per task on its own batch, which for a task
-        # alone on its batch is the pass the update needs anyway) give the inner products, and the
-        # update is their combination: no further pass through the backbone.
-        self.acc += engine.gramian(self.names)[0, 1:]
+        # One row of the Gramian, <g_main, g_k>: g_main by one backbone pass, the tasks sharing a
+        # batch by one forward-mode pass along it (constant in their number), a task alone on its
+        # batch by the backward the update reuses (TaskGradients.gramian_row).
+        self.acc += engine.gramian_row(self.main_task, self.aux_tasks)
         self.count += 1
         w = self.w
         return engine.backward(dict(zip(self.names, w)), dict(zip(self.names, w))).detach()

@@ -176,6 +176,7 @@ class TaskGradients:
         else:
             self.params = list(ctx.shared_parameters)
         self._jacobians: dict[tuple[str, ...], torch.Tensor] = {}
+        self._rows: dict[str, torch.Tensor] = {}  # single tasks' flat gradients (averaged over ranks)
         self._rep: dict[str, torch.Tensor] | None = None
         self._head_grads: dict[str, list[torch.Tensor | None]] | None = None
 
@@ -381,6 +382,59 @@ class TaskGradients:
         """``||g_k||`` for each task, ``(T,)``."""
         return self.gramian(tasks).diagonal().clamp_min(0).sqrt()
 
+    def gramian_row(self, task: str, tasks: Sequence[str]) -> torch.Tensor:
+        """``<g_task, g_k>`` for every k in ``tasks``, ``(len(tasks),)``: one row of the Gramian,
+        without the others.
+
+        Where this step's Jacobian covers the tasks, or outside parameter space
+        (``'representation'``, ``'last_shared'``: the Jacobian is cheap there), the Gramian's row.
+        Otherwise, with the representations recorded: ``g_task`` by one backbone backward on its
+        batch; then on each batch, tasks sharing it get their inner products with ``g_task`` from
+        one forward-mode pass of the backbone along ``g_task`` (constant in their number); a task
+        alone on its batch gets its gradient by one backward, which :meth:`backward` then reuses
+        for the update (the pass the update spends on that batch anyway). With active dropout
+        (a forward-mode re-run would draw other masks) or ``jvp='reverse'``, one backward per task.
+
+        Args:
+            task: the task whose gradient every other is compared with (the main task).
+            tasks: the tasks of the row.
+        """
+        tasks = list(tasks)
+        everyone = [task, *[t for t in tasks if t != task]]
+        covered = next((key for key in self._jacobians if key and key[0] != "gramian" and set(everyone) <= set(key)),
+                       None)
+        if (covered is not None or self.space != "shared" or not all(t in self.losses.features for t in everyone)):
+            gram = self.gramian(everyone)
+            return gram[0, [everyone.index(t) for t in tasks]]
+        rep = self.representation_gradients()
+        g = self._backbone_row(task)
+        distributed.all_reduce_mean([g])  # the whole batch's g_task: inner products then average
+        self._rows[task] = g
+        g_params = _unflat(g, self.params)
+        forward = self.jvp == "forward" and not has_dropout(self.model.backbone)
+        inner: dict[str, torch.Tensor] = {}
+        for _, group in self._by_base(tasks):
+            if forward and len(group) > 1:
+                inner.update(zip(group, self._forward_inner_products(group, g_params)))
+                continue
+            for t in group:
+                if t == task:
+                    inner[t] = g @ g
+                    continue
+                row = self._backbone_row(t)
+                inner[t] = g @ row
+                distributed.all_reduce_mean([row])
+                self._rows[t] = row
+        out = torch.stack([inner[t] for t in tasks])
+        distributed.all_reduce_mean([out])
+        return out
+
+    def _backbone_row(self, task: str) -> torch.Tensor:
+        """``g_task`` as one flat vector, by one backbone backward from the representation gradient."""
+        grads = torch.autograd.grad(self._base(task), self.params, grad_outputs=self.representation_gradients()[task],
+                                    retain_graph=True, allow_unused=True)
+        return _flat(grads, self.params)
+
     def gramian_backward(
         self,
         tasks: Sequence[str],
@@ -569,6 +623,8 @@ class TaskGradients:
             head_params = [p for t in tasks for p in self.model.head_parameters(t)]
             if head_params:
                 torch.autograd.backward(head_total, inputs=head_params, retain_graph=True)
+        if jac_tasks is None and self._rows:
+            return self._backward_reusing_rows(tasks, shared, head_total)
         if jac_tasks is not None:
             jac = self._jacobians[jac_tasks]
             c = _coefficients([shared.get(t, 0.0) for t in jac_tasks], jac)
@@ -587,6 +643,31 @@ class TaskGradients:
             bases.append(base)
             grads.append(torch.tensordot(c, stacked, dims=1))
         torch.autograd.backward(bases, grad_tensors=grads, inputs=list(self.ctx.shared_parameters))
+        return head_total.detach()
+
+    def _backward_reusing_rows(self, tasks: list[str], shared: Mapping[str, float | torch.Tensor],
+                               head_total: torch.Tensor) -> torch.Tensor:
+        """The backbone's part of :meth:`backward` where single tasks' gradients are computed: a
+        batch whose weighted tasks all have one gets ``sum_k c_k g_k`` from them, the others one
+        backward together (heads already done)."""
+        rep = self.representation_gradients()
+        flat = None
+        bases, grads = [], []
+        for base, group in self._by_base(tasks):
+            weighted = [t for t in group if not _is_zero(shared.get(t, 0.0))]
+            if weighted and all(t in self._rows for t in weighted):
+                c = _coefficients([shared[t] for t in weighted], self._rows[weighted[0]])
+                part = c @ torch.stack([self._rows[t] for t in weighted])
+                flat = part if flat is None else flat + part
+                continue
+            c = _coefficients([shared.get(t, 0.0) for t in group], rep[group[0]])
+            bases.append(base)
+            grads.append(torch.tensordot(c, torch.stack([rep[t] for t in group]), dims=1))
+        if bases:
+            torch.autograd.backward(bases, grad_tensors=grads, inputs=list(self.ctx.shared_parameters))
+        if flat is not None:  # (averaged over ranks, like the rows; the trainer's mean keeps it)
+            for p, g in zip(self.params, _unflat(flat, self.params)):
+                p.grad = g.clone() if p.grad is None else p.grad + g
         return head_total.detach()
 
     def _cached_jacobian_tasks(self, shared: Mapping[str, float | torch.Tensor]) -> tuple[str, ...] | None:
@@ -646,6 +727,15 @@ def _disagreement(got: Sequence[torch.Tensor | None], expected: Sequence[torch.T
         if not err <= tol:  # (NaN fails too)
             return f"parameter {i} of shape {tuple(params[i].shape)}: max difference {err:.3g}, tolerance {tol:.3g}"
     return None
+
+
+def _is_zero(c: float | torch.Tensor) -> bool:
+    return isinstance(c, (int, float)) and c == 0
+
+
+def _unflat(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """A flat vector over ``params`` as one view per parameter."""
+    return [piece.view_as(p) for piece, p in zip(flat.split([p.numel() for p in params]), params)]
 
 
 def _flat(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]) -> torch.Tensor:
