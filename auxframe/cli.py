@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 #: The subcommands, each the module ``auxframe.commands.<name>``.
-COMMANDS: tuple[str, ...] = ("run", "sweep", "list", "describe", "labels")
+COMMANDS: tuple[str, ...] = ("run", "sweep", "report", "list", "describe", "labels")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -403,6 +403,7 @@ class Trainer:
         summary = {
             "main_task": main,
             "main_metric": metric_name,
+            "higher_is_better": bool(getattr(self.tasks[main].metric, "higher_is_better", True)),  # for reports
             "test": results["test"][f"test/{main}/{metric_name}"],
             "val": results["val"][f"val/{main}/{metric_name}"],
             "steps": self.step,

@@ -1,32 +1,41 @@
-"""Run and report the digits low-label protocol (../shared/RESULTS_PROTOCOL.md).
+"""The digits low-label protocol (../shared/RESULTS_PROTOCOL.md) as sweeps and reports.
 
-Each method is a gin experiment run for every n (labels per class) and seed; the seed sets both
-``train.seed`` and ``LowDataSplit.seed``, so the intervals include split-to-split variation. Runs
-go to ``<out>/<method>/n<n>/seed<s>`` and a finished run is never run again, so the grid can be
-stopped and continued.
+Each method is a gin experiment; ``run`` trains it as one ``auxframe sweep`` over
+``LowDataSplit.labels_per_class`` (``--n``) and ``--seeds`` seeds (each seed sets ``train.seed``
+and ``LowDataSplit.seed``, so the intervals include split-to-split variation and every method sees
+the same splits) into ``<out>/<method>/``; rerunning skips finished runs and resumes interrupted
+ones. ``report`` is ``auxframe report`` over those sweeps with STL and STL+ as baselines.
 
-    python scripts/protocol.py run --methods stl,stl_plus,equal_rotation --n 5 10 --seeds 5
+    python scripts/protocol.py run --methods stl,stl_plus,equal_rotation --n 5 10 --seeds 5 --jobs 2
     python scripts/protocol.py tune --methods arml,gradnorm,ol_aux --n 10 --seeds 3
     python scripts/protocol.py timing --methods stl,stl_plus,equal_rotation
-    python scripts/protocol.py report --methods stl,stl_plus,equal_rotation --n 5 10 --seeds 5
+    python scripts/protocol.py report --methods stl,stl_plus,equal_rotation --n 5 10 --seeds 5 --plots docs
 
-``timing`` measures each method's training step time relative to STL back to back (the grid's own
-wall times depend on whatever else ran beside each run). ``report`` prints the markdown table of docs/results.md (mean and 95% confidence interval of the
-main-task test accuracy of the best-on-validation state, final weights, wall time relative to STL,
-and the command of each row) and writes the plots under docs/.
+The same without this script, for one method::
+
+    auxframe sweep --gin experiments/digits_arml.gin --gin-param "train.progress = False" \\
+        --grid "LowDataSplit.labels_per_class=[5, 10]" --seeds 0 1 2 3 4 --sweep-dir runs/protocol/arml
+    auxframe report runs/protocol/stl runs/protocol/stl_plus runs/protocol/arml \\
+        --baseline stl --baseline stl_plus --percent
+
+``tune`` picks each method's own hyperparameter on validation (a sweep over its ``TUNING`` values,
+the configuration with the best mean best-validation accuracy) into ``<out>/tuned.json``, which
+``run`` and ``report`` read. ``timing`` measures each method's training step time relative to STL
+back to back (the sweeps' own wall times depend on whatever else ran beside each run).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from auxframe import report as reports
+from auxframe import sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,90 +103,50 @@ def tuned(method_key: str, out: Path) -> Method:
     return Method(method.label, method.gin, method.aux_tasks, (*method.params, f"{chosen['binding']} = {chosen['value']}"))
 
 
+def params(method: Method, extra: tuple[str, ...] = ()) -> list[str]:
+    """The bindings of every run of ``method``."""
+    return ["train.progress = False", *method.params, *extra]
+
+
 def command(method: Method, n: int, seed: int, run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
-    params = [f"LowDataSplit.labels_per_class = {n}", f"train.seed = {seed}", f"LowDataSplit.seed = {seed}",
-              "train.progress = False", *method.params, *extra]
+    """The ``auxframe run`` of one run of ``method`` (what ``timing`` runs)."""
     cmd = ["auxframe", "run", "--gin", method.gin]
-    for p in params:
+    for p in [f"LowDataSplit.labels_per_class = {n}", f"train.seed = {seed}", f"LowDataSplit.seed = {seed}",
+              *params(method, extra)]:
         cmd += ["--gin-param", p]
     return cmd + ["--run-dir", str(run_dir)]
 
 
-def shown(cmd: list[str]) -> str:
-    """A command as a user would type it (seed left as a variable)."""
-    out = []
-    for part in cmd:
-        out.append(f'"{part}"' if " " in part else part)
-    return " ".join(out)
+def _sweep(method: Method, sweep_dir: Path, axes: list, args: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict:
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    return sweep.run_sweep([method.gin], params(method, (*args.param, *extra)), axes, sweep_dir, jobs=args.jobs)
 
 
 def run_grid(args: argparse.Namespace) -> None:
-    jobs = []
+    """One sweep per method over ``--n`` and ``--seeds``, into ``<out>/<method>``."""
+    axes = [sweep.parse_grid(f"LowDataSplit.labels_per_class=[{', '.join(map(str, args.n))}]"),
+            sweep.seeds_axis(range(args.seeds))]
     for key in args.methods:
-        for n in args.n:
-            for seed in range(args.seeds):
-                run_dir = args.out / key / f"n{n}" / f"seed{seed}"
-                if not (run_dir / "metrics.json").is_file():
-                    jobs.append((key, n, seed, run_dir))
-    print(f"{len(jobs)} runs to do", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
-
-    def one(job):
-        key, n, seed, run_dir = job
-        if run_dir.exists():  # an interrupted run: start it again from scratch
-            subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-        cmd = command(tuned(key, args.out), n, seed, run_dir, tuple(args.param))
-        _run_one(cmd, env, f"{key} n={n} seed={seed}")
-
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(one, jobs))
-
-
-def _run_one(cmd: list[str], env: dict, name: str) -> None:
-    cmd[0:1] = [sys.executable, "-m", "auxframe"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    status = "ok" if proc.returncode == 0 else f"FAILED\n{proc.stderr[-2000:]}"
-    print(f"{name}: {status}", flush=True)
+        print(f"== {key}", flush=True)
+        _sweep(tuned(key, args.out), args.out / key, axes, args)
 
 
 def tune(args: argparse.Namespace) -> None:
-    """Run every TUNING value of the chosen methods at ``--n`` (first value) for ``--seeds`` seeds
-    under ``<out>/tune/``, pick the value with the best mean best-validation accuracy, and write
-    the choices to ``<out>/tuned.json`` (read by ``run`` and ``report``)."""
+    """Sweep every TUNING value of the chosen methods at ``--n`` (first value) over ``--seeds`` seeds
+    under ``<out>/tune/<method>``; the configuration with the best mean best-validation accuracy is
+    written to ``<out>/tuned.json`` (read by ``run`` and ``report``)."""
     n = args.n[0]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
-    grid = [(key, value, seed) for key in args.methods if key in TUNING
-            for value in TUNING[key][1] for seed in range(args.seeds)]
-
-    def run_dir(key, value, seed):
-        return args.out / "tune" / key / value / f"n{n}" / f"seed{seed}"
-
-    def one(job):
-        key, value, seed = job
-        d = run_dir(key, value, seed)
-        if (d / "metrics.json").is_file():
-            return
-        subprocess.run(["rm", "-rf", str(d)], check=True)
-        binding = f"{TUNING[key][0]} = {value}"
-        _run_one(command(METHODS[key], n, seed, d, (*args.param, binding)), env, f"tune {key} {binding} seed={seed}")
-
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(one, grid))
     f = args.out / TUNED_FILE
     chosen = json.loads(f.read_text()) if f.is_file() else {}
     for key in [k for k in args.methods if k in TUNING]:
         binding, values = TUNING[key]
-        means = {}
-        for value in values:
-            vals = [json.loads((run_dir(key, value, s) / "metrics.json").read_text())["best"]["val"]
-                    for s in range(args.seeds) if (run_dir(key, value, s) / "metrics.json").is_file()]
-            if vals:
-                means[value] = 100 * sum(vals) / len(vals)
-        if means:
-            best = max(values, key=lambda v: means.get(v, -1.0))  # ties: the first listed
+        axes = [sweep.parse_grid(f"{binding}=[{', '.join(values)}]"), sweep.seeds_axis(range(args.seeds))]
+        out = _sweep(METHODS[key], args.out / "tune" / key, axes, args, (f"LowDataSplit.labels_per_class = {n}",))
+        means = {c.values[binding]: 100 * c.interval("best_val").mean for c in out["configurations"]}
+        if out["best"] is not None:
+            best = out["best"].values[binding]
             chosen[key] = {"binding": binding, "value": best, "val_mean": means, "n": n, "seeds": args.seeds}
-            print(f"{key}: {binding} = {best}  (mean best val: " +
-                  ", ".join(f"{v}: {m:.1f}" for v, m in means.items()) + ")")
+            print(f"{key}: {binding} = {best}  (mean best val: " + ", ".join(f"{v}: {m:.1f}" for v, m in means.items()) + ")")
     f.write_text(json.dumps(chosen, indent=2) + "\n")
 
 
@@ -209,129 +178,24 @@ def timing(args: argparse.Namespace) -> None:
         print(f"{key:22s} {v['step_ms']:8.2f} ms/step  {v['vs_stl'] or float('nan'):5.2f}x STL")
 
 
-def _ci95(values: list[float]) -> tuple[float, float]:
-    from scipy import stats
-
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, float("nan")
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-    return m, stats.t.ppf(0.975, len(values) - 1) * sd / math.sqrt(len(values))
-
-
-def collect(args: argparse.Namespace) -> dict[tuple[str, int], list[dict]]:
-    out: dict[tuple[str, int], list[dict]] = {}
-    for key in args.methods:
-        for n in args.n:
-            for seed in range(args.seeds):
-                f = args.out / key / f"n{n}" / f"seed{seed}" / "metrics.json"
-                if f.is_file():
-                    out.setdefault((key, n), []).append(json.loads(f.read_text()))
-    return out
-
-
 def report(args: argparse.Namespace) -> None:
-    results = collect(args)
-    rows = ["| data | n/class | method | aux tasks | seeds | test acc mean ± 95% CI | final weights (mean) | time vs STL | command |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for n in args.n:
-        timing_file = args.out / "timing.json"
-        timed = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
-        for key in args.methods:
-            rs = results.get((key, n), [])
-            if not rs:
-                continue
-            m = tuned(key, args.out)
-            mean, ci = _ci95([100 * r["best"][args.split] for r in rs])
-            weights = _mean_weights(rs)
-            rel = f"{timed[key]['vs_stl']:.2f}x" if timed.get(key, {}).get("vs_stl") else "—"
-            cmd = shown(command(m, n, 0, Path(f"runs/{key}-n{n}-seed0"), tuple(args.param)))
-            rows.append(f"| digits | {n} | {m.label} | {m.aux_tasks} | {len(rs)} | {mean:.1f} ± {ci:.1f} | "
-                        f"{weights} | {rel} | `{cmd}` |")
-    print("\n".join(rows))
+    """``auxframe report`` over the methods' sweeps, with STL and STL+ as baselines where they ran."""
+    found = [k for k in args.methods if (args.out / k / sweep.SWEEP_FILE).is_file()]
+    baselines = [b for b in ("stl", "stl_plus") if b in found]
+    rep = reports.build_report([f"{k}={args.out / k}" for k in found], baselines, f"best_{args.split}")
+    rep.rows = [r for r in rep.rows if dict(r.setting).get("LowDataSplit.labels_per_class") in map(str, args.n)]
+    print(reports.markdown(rep, percent=True))
+    print("| method | label | aux tasks |\n|---|---|---|")
+    for k in found:
+        print(f"| {k} | {tuned(k, args.out).label} | {tuned(k, args.out).aux_tasks} |")
+    timing_file = args.out / "timing.json"
+    if timing_file.is_file():
+        timed = json.loads(timing_file.read_text())
+        print("\nstep time vs STL, back to back (timing): " +
+              ", ".join(f"{k} {timed[k]['vs_stl']:.2f}x" for k in found if timed.get(k, {}).get("vs_stl")))
     if args.plots:
-        _plot_accuracy(results, args)
-        _plot_weights(args)
-
-
-def _mean_weights(rs: list[dict]) -> str:
-    keys = [k for k in rs[0]["weights"] if k != rs[0]["main_task"]]
-    if not keys:
-        return "—"
-    return ", ".join(f"{k} {sum(r['weights'][k] for r in rs) / len(rs):.2f}" for k in keys)
-
-
-def _plot_accuracy(results, args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(args.n), figsize=(5 * len(args.n), 3.2), squeeze=False)
-    for ax, n in zip(axes[0], args.n):
-        labels, means, cis = [], [], []
-        for key in args.methods:
-            rs = results.get((key, n))
-            if rs:
-                mean, ci = _ci95([100 * r["best"]["test"] for r in rs])
-                labels.append(f"{METHODS[key].label}\n({METHODS[key].aux_tasks})")
-                means.append(mean)
-                cis.append(ci)
-        ax.barh(range(len(labels)), means, xerr=cis, color="#4c72b0", capsize=3)
-        ax.set_yticks(range(len(labels)), labels, fontsize=7)
-        ax.invert_yaxis()
-        lo = min(m - c for m, c in zip(means, cis))
-        ax.set_xlim(max(0, lo - 5), 100)
-        ax.set_xlabel("main-task test accuracy (%), mean ± 95% CI")
-        ax.set_title(f"digits, {n} labels per class")
-    fig.tight_layout()
-    path = args.plots / f"{args.plot_prefix}_accuracy.png"
-    fig.savefig(path, dpi=120)
-    print(f"\nwrote {path}")
-
-
-def _plot_weights(args) -> None:
-    """Task weights over training (mean over seeds) for each method whose weights change."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves: dict[tuple[str, int], dict[str, dict[int, list[float]]]] = {}
-    for key in args.methods:
-        for n in args.n:
-            for seed in range(args.seeds):
-                f = args.out / key / f"n{n}" / f"seed{seed}" / "scalars.jsonl"
-                if not f.is_file():
-                    continue
-                for line in f.read_text().splitlines():
-                    row = json.loads(line)
-                    for k, v in row.items():
-                        if k.startswith("weight/"):
-                            curves.setdefault((key, n), {}).setdefault(k[7:], {}).setdefault(row["step"], []).append(v)
-    moving = {kn: c for kn, c in curves.items()
-              if any(max(sum(v) / len(v) for v in s.values()) - min(sum(v) / len(v) for v in s.values()) > 1e-6
-                     for s in c.values())}
-    if not moving:
-        return
-    cols = min(4, len(moving))
-    rows = -(-len(moving) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat[len(moving):]:
-        ax.axis("off")
-    order = sorted(moving.items(), key=lambda kv: (kv[0][1], args.methods.index(kv[0][0])))
-    for ax, ((key, n), tasks) in zip(axes.flat, order):
-        for task, by_step in tasks.items():
-            steps = sorted(by_step)
-            ax.plot(steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], label=task)
-        ax.set_title(f"{METHODS[key].label}, n={n}", fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel("effective weight (mean over seeds)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = args.plots / f"{args.plot_prefix}_weights.png"
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+        written = reports.write_report(rep, args.plots, args.plot_prefix, percent=True)
+        print("\nwrote " + ", ".join(str(p) for p in written.values()))
 
 
 def main() -> None:

@@ -190,6 +190,18 @@ def test_sweep_runs_every_point_seeds_the_split_and_writes_the_summary(sequentia
     assert [r["best"] for r in rows] == (["*", ""] if means[0] >= means[1] else ["", "*"])
 
 
+def test_report_reads_the_sweep_as_the_summary_groups_it(sequential):
+    from auxframe.report import build_report
+
+    rep = build_report([sequential])
+    summary = list(csv.DictReader((sequential / "summary.csv").open()))
+    assert [r.setting for r in rep.rows] == [(("weightings.fixed.weights", f"{{'parity': {w}}}"),) for w in ("0.0", "1.0")]
+    assert [r.interval.mean for r in rep.rows] == pytest.approx([float(r["best_test_mean"]) for r in summary])
+    assert [sorted(dict(s)["train.seed"] for s in r.values) for r in rep.rows] == [["0", "1"], ["0", "1"]]
+    assert rep.rows[0].command.endswith(f"--gin-param \"weightings.fixed.weights = {{'parity': 0.0}}\" "
+                                        f"--seeds 0 1 --sweep-dir {sequential}")
+
+
 def test_rerun_skips_finished_points_resumes_interrupted_ones_and_refuses_a_changed_config(capsys, sequential, tmp_path):
     sweep_dir = tmp_path / "sweep"
     shutil.copytree(sequential, sweep_dir)
