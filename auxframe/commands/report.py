@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "tabulate and plot runs and sweeps: mean ± 95% CI over seeds, paired differences to baselines"
+HELP = "tabulate and plot runs and sweeps: mean and 95-percent interval over seeds, paired differences to baselines"
 EPILOG = ("Example: auxframe report sweeps/stl sweeps/stl_plus sweeps/arml --baseline stl --baseline stl_plus "
           "--percent --out docs --name results_digits")
 
