@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import gin
 import numpy as np
@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from auxframe import config, distributed, rundir
+from auxframe.callbacks import Callback
 from auxframe.data.field_tasks import field_tasks
 from auxframe.data.loader import default_num_workers
 from auxframe.data.splits import LowDataSplit
@@ -35,6 +36,7 @@ from auxframe.loggers import ScalarLog, WandbLogger
 from auxframe.models.multitask import MultiTaskModel
 from auxframe.registry import registry
 from auxframe.tasks import Task, TaskGraph, batch_groups
+from auxframe.strategy import Strategy
 from auxframe.trainer import ResolvedTask, Schedule, Trainer, check_same_graph
 from auxframe.weighting.base import Weighting, WeightingSetup
 
@@ -67,6 +69,7 @@ def train(
     num_workers: int | str = "auto",
     prefetch_factor: int = 2,
     wandb: WandbLogger | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
     """Build the experiment described by the gin config and train it.
 
@@ -104,6 +107,8 @@ def train(
             process. See README, "The data path".
         prefetch_factor: steps each worker has ready in advance.
         wandb: the W&B logger settings (default: offline, project ``auxframe``).
+        callbacks: more trainer callbacks (:class:`auxframe.callbacks.Callback`), e.g.
+            ``[@MyCallback()]`` after ``gin.register(MyCallback)``; their state is checkpointed.
 
     Returns:
         The final metrics (also written to ``run_dir/metrics.json``).
@@ -112,7 +117,7 @@ def train(
     _require(tasks, "tasks", "@TaskGraph()", "tasks/digits_attributes.gin")
     _require(backbone, "backbone", "@backbones.small_cnn", "models/small_cnn.gin")
     _check_positive(steps=steps, batch_size=batch_size, log_every=log_every, eval_batch_size=eval_batch_size)
-    launch = distributed.init_from_env(resolve_device(device))
+    strategy = Strategy(resolve_device(device), sync_batchnorm=sync_batchnorm)
     run: rundir.RunDir | None = None  # rank 0's handle on the run directory
     loggers: list[Any] = []
     trainer: Trainer | None = None
@@ -127,15 +132,13 @@ def train(
         if resume_state is not None:
             check_same_graph(resume_state, tasks)
 
-        device_ = launch.device
+        device_ = strategy.device
         seed_everything(seed)
         split_ = (split or gin.get_configurable(LowDataSplit)())(dataset)  # LowDataSplit.* bindings apply
         resolved = resolve_tasks(tasks, dataset)
-        model = build_model(backbone, tasks, resolved, dataset).to(device_)
-        generators = {name: r.generator.to(device_) for name, r in resolved.items() if r.generator is not None}
         weighting = weighting if weighting is not None else registry.get("weightings", "equal")()
-        if launch.world_size > 1 and _sync_batchnorm(sync_batchnorm, device_, weighting):
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = strategy.prepare_model(build_model(backbone, tasks, resolved, dataset), weighting)
+        generators = {name: r.generator.to(device_) for name, r in resolved.items() if r.generator is not None}
         schedule = Schedule(steps, batch_size, dict(pool_batch_sizes or {}), eval_every, eval_batch_size,
                             log_every, checkpoint_every, keep_checkpoints)
         main_pool = len(split_.pool(tasks.main.pool))  # PoolLoader drops each epoch's ragged end:
@@ -167,6 +170,7 @@ def train(
             model, tasks, resolved, dataset, split_, weighting, optimizer_, scheduler_, schedule, device_,
             seed=seed, run_dir=run_dir, loggers=loggers, progress=progress, nonfinite=nonfinite,
             num_workers=resolve_num_workers(num_workers, device_), prefetch_factor=prefetch_factor,
+            strategy=strategy, callbacks=callbacks,
         )
         if resume_state is not None:
             trainer.load_state_dict(resume_state)
@@ -344,18 +348,6 @@ def _check_task_output(name: str, output: torch.Tensor, target: torch.Tensor, ta
         metric.compute()
     except Exception as exc:
         raise TaskGraphError(f"task '{name}': its metric fails on the {what}: {_cause(exc)}.") from exc
-
-
-def _sync_batchnorm(setting: bool | None, device: torch.device, weighting: Weighting) -> bool:
-    """Whether to convert BatchNorm to SyncBatchNorm under torchrun (see ``train.sync_batchnorm``)."""
-    if setting is None:
-        return device.type == "cuda" and not weighting.outer_every
-    if setting and device.type != "cuda":
-        raise ConfigError(
-            "train.sync_batchnorm = True needs GPUs (PyTorch's SyncBatchNorm does not run on the CPU); "
-            "set it to False, or leave it unset."
-        )
-    return bool(setting)
 
 
 def _cause(exc: BaseException, with_type: bool = True) -> str:

@@ -161,17 +161,17 @@ def test_outer_step_leaves_batchnorm_statistics_alone():
         import auxframe.trainer as trainer_module
 
         captured = {}
-        original = trainer_module.Trainer._finish
+        original = trainer_module.Trainer.finish
 
         def capture(self, wall):
             captured.update({k: v.clone() for k, v in self.model.state_dict().items() if "running" in k})
             return original(self, wall)
 
-        trainer_module.Trainer._finish = capture
+        trainer_module.Trainer.finish = capture
         try:
             train_fn(run_dir=None)
         finally:
-            trainer_module.Trainer._finish = original
+            trainer_module.Trainer.finish = original
         return captured
 
     with_outer = bn_state("@weightings.auxilearn()")

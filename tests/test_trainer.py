@@ -367,3 +367,91 @@ def test_a_reported_update_gets_its_own_log_row(tmp_path):
     assert updates == [(3, 2.0), (6, 3.0)]  # after steps 2, 5 (1-based 3, 6); step 9 is a log_every row
     final = [r for r in rows if "train/digit/loss" in r]
     assert [r["step"] for r in final] == [9] and final[0]["weight/digit"] == 4.0
+
+
+# -- callbacks ---------------------------------------------------------------------------------------
+from auxframe.callbacks import Callback  # noqa: E402
+
+
+@gin.register
+class CountSteps(Callback):
+    """A user callback with state: the steps it saw, and a running sum of the main loss."""
+
+    name = "count_steps"
+
+    def __init__(self):
+        self.steps, self.loss_sum = 0, 0.0
+
+    def on_step_end(self, trainer, record):
+        self.steps += 1
+        self.loss_sum += float(record.means["digit"])
+
+    def state_dict(self):
+        return {"steps": self.steps, "loss_sum": self.loss_sum}
+
+    def load_state_dict(self, state):
+        self.steps, self.loss_sum = state["steps"], state["loss_sum"]
+
+
+def _preempt_after(run_dir, copy_dir, step):
+    """A copy of a finished run as it was right after its checkpoint at ``step`` (later files dropped)."""
+    import shutil
+
+    shutil.copytree(run_dir, copy_dir)
+    (copy_dir / "metrics.json").unlink()
+    for ckpt in list_checkpoints(copy_dir):
+        if load_checkpoint(ckpt)["step"] > step:
+            ckpt.unlink()
+    log = copy_dir / "scalars.jsonl"
+    rows = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= step]
+    log.write_text("".join(f"{r}\n" for r in rows))
+
+
+def _training_rows(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "scalars.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows if "train/digit/loss" in r]
+
+
+def test_callbacks_state_and_the_log_interval_resume_exactly(tmp_path):
+    # Checkpoint at step 6 in the middle of a log interval (steps 5-8): the resumed run's rows equal
+    # the uninterrupted run's, and every callback's state (the best model state, a user callback's
+    # counts) ends the same.
+    extra = {"train.checkpoint_every": 6, "train.keep_checkpoints": 5, "train.log_every": 4, "train.eval_every": 3,
+             "train.callbacks": "[@CountSteps()]", **CPU}
+    run(tmp_path / "straight", steps=12, **extra)
+    _preempt_after(tmp_path / "straight", tmp_path / "resumed", 6)
+    middle = final_state(tmp_path / "resumed")
+    assert middle["interval"]["steps"] == 2 and middle["callbacks"]["count_steps"]["steps"] == 6
+    run(tmp_path / "resumed", steps=12, resume=True, **extra)
+    assert _training_rows(tmp_path / "resumed") == _training_rows(tmp_path / "straight")
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    assert a["callbacks"].keys() == b["callbacks"].keys() >= {"evaluation", "logging", "count_steps"}
+    assert a["callbacks"]["count_steps"] == b["callbacks"]["count_steps"] == {
+        "steps": 12, "loss_sum": a["callbacks"]["count_steps"]["loss_sum"]}
+    best_a, best_b = a["callbacks"]["evaluation"]["best"], b["callbacks"]["evaluation"]["best"]
+    assert (best_a["step"], best_a["val"]) == (best_b["step"], best_b["val"])
+    assert all(torch.equal(v, best_b["model"][k]) for k, v in best_a["model"].items())
+    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["best"] == \
+        json.loads((tmp_path / "straight" / "metrics.json").read_text())["best"]
+
+
+class Unnamed(Callback):
+    pass
+
+
+def test_callbacks_need_distinct_names():
+    from auxframe.callbacks import check_callbacks
+    from auxframe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="callback Unnamed has no `name`"):
+        check_callbacks([Unnamed()])
+    with pytest.raises(ConfigError, match="callbacks CountSteps and CountSteps are both named 'count_steps'"):
+        check_callbacks([CountSteps(), CountSteps()])
+
+
+def test_fit_fits_on_one_screen():
+    import inspect
+
+    from auxframe.trainer import Trainer
+
+    assert len(inspect.getsource(Trainer.fit).splitlines()) <= 25
