@@ -381,11 +381,11 @@ def section_profile(args, tr: Trainer, sync) -> None:
     timer.patch(tr.ctx, "train_losses", OUTER_PHASES[0])  # the ctx holds its own bound method
     timer.patch(tr.ctx, "aux_set_losses", OUTER_PHASES[1])
     timer.patch(hypergrad, "hypergradient", HYPER)
-    timer.patch(hypergrad, "_check_once_differentiable", OUTER_PHASES[2])
+    timer.patch(hypergrad.implicit, "_check_once_differentiable", OUTER_PHASES[2])
     timer.patch(torch.autograd, "grad", OUTER_PHASES[3], only_under=HYPER)
     timer.patch(hypergrad.HessianOperator, "_build", OUTER_PHASES[4])
     timer.patch(hypergrad.HessianOperator, "__call__", OUTER_PHASES[5])
-    timer.patch(hypergrad, "_mixed_vjp", OUTER_PHASES[6])
+    timer.patch(hypergrad.implicit, "mixed_vjp", OUTER_PHASES[6])
     timer.patch(w.outer_optimizer, "step", OUTER_PHASES[8])
     timer.patch(w, "_effective_weights", OUTER_PHASES[9])
     timer.patch(hypergrad, "top_eigenvalue", OUTER_PHASES[10])
@@ -441,22 +441,19 @@ def fused_hypergrad(tr: Trainer, train_loss, outer_loss, J: int, alpha: float):
     """The inner step's gradients built with create_graph, reused for the hypergradient.
 
     Returns the detached gradients of all model parameters (for the optimizer) and the
-    hypergradient ``-mixed`` for phi, computed as ``hypergrad.hypergradient`` does (Neumann,
-    scale_by_alpha=False, mixed='vjp', curvature='hessian') but on the inner step's own graph."""
+    hypergradient ``-mixed`` for phi by the hypergradient core's parts (the Neumann solver on a
+    :class:`HessianOperator` of the inner step's own gradient graph, the mixed term by vjp): what
+    ``hypergrad.hypergradient`` computes (Neumann, scale_by_alpha=False, mixed='vjp', Hessian)."""
     w = tr.weighting
     params = [p for p in tr.model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(train_loss, params, create_graph=True)
     by_id = {id(p): g for p, g in zip(params, grads)}
     inner = w._inner_parameters(tr.ctx)
-    g = [by_id[id(p)] for p in inner]
+    operator = hypergrad.HessianOperator.from_gradients([by_id[id(p)] for p in inner], inner)
     phi = list(w.auxnet.parameters())
-    v = torch.autograd.grad(outer_loss, inner)
-    term, p = list(v), [t.clone() for t in v]
-    for _ in range(J):
-        hv = torch.autograd.grad(g, inner, term, retain_graph=True)
-        term = [t - alpha * h for t, h in zip(term, hv)]
-        p = [a + b for a, b in zip(p, term)]
-    mixed = torch.autograd.grad(g, phi, p)
+    v = list(torch.autograd.grad(outer_loss, inner))
+    p = hypergrad.Neumann(J, alpha)(operator, v).x
+    mixed = hypergrad.mixed_vjp(operator.grads, p, phi)
     return [x.detach() for x in grads], [-m for m in mixed]
 
 
@@ -518,8 +515,8 @@ class Components:
             targets.update(y)
         return tr.weighting.loss_matrix(tr._losses_from(outs, targets))
 
-    def mixed_vjp(self):  # what hypergrad._mixed_vjp does
-        return torch.autograd.grad(self.hessian.grads, self.phi, self.p, retain_graph=True)
+    def mixed_vjp(self):
+        return hypergrad.mixed_vjp(self.hessian.grads, self.p, self.phi)
 
     def mixed_forward(self):
         """grad_phi <d auxnet / d M, J_W M . p>: J_W M . p by one forward-mode pass (no double backward)."""

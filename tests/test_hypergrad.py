@@ -15,8 +15,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
-from auxframe import hypergrad
 from auxframe.errors import AuxframeError
+from auxframe.hypergrad import errors, solvers
 from auxframe.hypergrad import (
     GaussNewtonOperator,
     HessianOperator,
@@ -457,7 +457,7 @@ def test_cg_refuses_indefinite_hessian():
 
 
 def test_exact_refuses_large_problems(monkeypatch, ridge):
-    monkeypatch.setattr(hypergrad, "EXACT_MAX_PARAMS", ridge.d - 1)
+    monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", ridge.d - 1)
     W, phi, train, outer = ridge.at_optimum()
     with pytest.raises(HypergradError, match="EXACT_MAX_PARAMS.*method='cg'"):
         hypergradient(train, outer, [W], [phi], method="exact")
@@ -608,7 +608,7 @@ def test_once_differentiable_function_is_named_not_silently_zero():
 
 def test_no_false_alarm_without_once_differentiable_ops(ridge):
     W, phi, train, outer = ridge.at_optimum()
-    assert hypergrad._once_differentiable_ops([train], [W, phi]) == []
+    assert errors._once_differentiable_ops([train], [W, phi]) == []
     assert math.isfinite(hypergradient(train, outer, [W], [phi]).term_norms[-1])
 
 
@@ -623,12 +623,12 @@ def test_no_false_alarm_without_once_differentiable_ops(ridge):
 )
 def test_torch_double_backward_messages_are_translated(message, operation):
     with pytest.raises(HypergradError, match="first_order") as info:
-        with hypergrad._explain_double_backward(hypergrad._fix_hint("neumann", "vjp")):
+        with errors._explain_double_backward(errors._fix_hint("neumann", "vjp")):
             raise RuntimeError(message)
     assert info.value.operation == operation
     assert isinstance(info.value.__cause__, RuntimeError)
     with pytest.raises(RuntimeError, match="unrelated"):  # other errors pass through untouched
-        with hypergrad._explain_double_backward("hint"):
+        with errors._explain_double_backward("hint"):
             raise RuntimeError("unrelated: shapes do not match")
 
 
@@ -684,3 +684,56 @@ def test_directional_arguments_go_together(ridge):
         # without hessian_loss the curvature is train_loss's: it is needed
         hypergradient(None, outer, [W], [phi], mixed="directional",
                       directional=_directional_by_forward_mode(ridge, W, phi))
+
+
+# ---------------------------------------------------------------------------------------------
+# The solvers: one signature, solver(matvec, b), interchangeable
+
+
+def _spd_system(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(7, 7, generator=g, dtype=DT)
+    a = m @ m.T / 7 + 0.5 * torch.eye(7, dtype=DT)
+    blocks = [3, 4]  # the unknowns as two tensors, like two parameters
+
+    def matvec(x):
+        return list((a @ torch.cat([t.reshape(-1) for t in x])).split(blocks))
+
+    b = list(torch.randn(7, generator=g, dtype=DT).split(blocks))
+    return a, matvec, b
+
+
+@pytest.mark.parametrize("solver, tol", [
+    (solvers.Neumann(terms=400, alpha=0.2, scale_by_alpha=True), 1e-10),
+    (solvers.ConjugateGradient(iters=50, tol=1e-12), 1e-10),
+    (solvers.Exact(), 1e-12),
+])
+def test_every_solver_solves_a_linear_system_through_matvec_alone(solver, tol):
+    a, matvec, b = _spd_system()
+    x, norms = solver(matvec, b)
+    expected = torch.linalg.solve(a, torch.cat(b))
+    assert rel_err(torch.cat(x), expected) <= tol
+    assert all(isinstance(n, torch.Tensor) and n.dim() == 0 for n in norms)
+
+
+def test_neumann_is_its_truncated_series():
+    a, matvec, b = _spd_system(1)
+    alpha, v = 0.3, torch.cat(b)
+    step = torch.eye(7, dtype=DT) - alpha * a
+    expected = v + step @ v + step @ step @ v
+    x, norms = solvers.Neumann(terms=2, alpha=alpha)(matvec, b)
+    assert rel_err(torch.cat(x), expected) <= 1e-14
+    torch.testing.assert_close(torch.stack(norms), torch.stack([v.norm(), (step @ v).norm(), (step @ step @ v).norm()]))
+    x0, _ = solvers.Neumann(terms=0, alpha=alpha)(lambda x: pytest.fail("no product for terms=0"), b)
+    assert torch.equal(torch.cat(x0), v)
+
+
+def test_a_solver_object_is_a_method(ridge):
+    # The same hypergradient through a solver passed as method= as through its name.
+    W, phi, train, outer = ridge.at_optimum()
+    truth = ridge.analytic_hypergradient()
+    for solver in (solvers.ConjugateGradient(iters=100, tol=1e-12), solvers.Exact()):
+        assert rel_err(hypergradient(train, outer, [W], [phi], method=solver).grads[0], truth) <= 1e-6
+    named = hypergradient(train, outer, [W], [phi], neumann_terms=5, alpha=0.05)
+    given = hypergradient(train, outer, [W], [phi], method=solvers.Neumann(5, 0.05))
+    assert torch.equal(named.grads[0], given.grads[0]) and named.term_norms == given.term_norms

@@ -6,7 +6,8 @@ the kernels of an inner step. Captured in a CUDA graph (``torch.cuda.CUDAGraph``
 computation replays with one launch; ``bench/auxilearn_cost.py`` (section 7) measured 1.6 inner
 steps replayed against 7.7 eager for J = 3 on the quickstart (H200).
 
-What is captured is exactly :func:`auxframe.hypergrad.hypergradient` with ``method='neumann'``,
+What is captured is :func:`auxframe.hypergrad.hypergradient_parts`, the computation of
+:func:`auxframe.hypergrad.hypergradient`, with the Neumann solver,
 ``curvature='hessian'``, ``mixed='vjp'`` and the losses the caller gives as functions of the heads'
 outputs (AuxiLearn: its combined training loss, and the main task's loss on the auxiliary set as
 the outer loss), written without host synchronisation: the term norms come back
@@ -24,13 +25,12 @@ batch, no label generators, no active dropout.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
 
-from auxframe.hypergrad import HypergradResult, _norm, _zeros_for_none  # the same list helpers as the eager computation
+from auxframe.hypergrad import HypergradResult, Neumann, diverging, hypergradient_parts
 
 Batch = Mapping[tuple[str, ...], tuple[torch.Tensor, Mapping[str, torch.Tensor]]]
 #: ``(head outputs, targets) -> (training loss L_T, the loss matrix it combines)``.
@@ -131,36 +131,20 @@ class GraphedHypergradient:
             self.graph.replay()
         grads, norms, v_norm, matrix, outer = self.static
         term_norms = norms.tolist()  # (one host synchronisation, after the replay)
-        diverging = not all(math.isfinite(x) for x in term_norms) or (
-            len(term_norms) > 1 and term_norms[-1] > term_norms[0])
-        result = HypergradResult(grads=[g.clone() for g in grads], term_norms=term_norms, diverging=diverging,
-                                 outer_grad_norm=float(v_norm))
+        result = HypergradResult(grads=[g.clone() for g in grads], term_norms=term_norms,
+                                 diverging=diverging(term_norms), outer_grad_norm=float(v_norm))
         return result, matrix.clone(), outer.clone()
 
     def _compute(self):
-        """The hypergradient as :func:`auxframe.hypergrad.hypergradient` computes it (Neumann,
-        Hessian, mixed by vjp), with no host synchronisation."""
+        """The forward passes, then the hypergradient core (:func:`auxframe.hypergrad.hypergradient_parts`
+        with the Neumann solver, Hessian curvature and the mixed term by vjp): no host synchronisation."""
         outputs: dict[str, torch.Tensor] = {}
         for group in self.groups:
             outputs.update(self.model(self.x[group], tasks=list(group)))
         train_loss, matrix = self.train_loss(outputs, self.y)
         main = self.main_task
         outer = self.outer_loss(self.model(self.aux_x, tasks=[main])[main], self.aux_y)
-        v = _zeros_for_none(torch.autograd.grad(outer, self.inner, retain_graph=True, allow_unused=True), self.inner)
-        g = torch.autograd.grad(train_loss, self.inner, create_graph=True, allow_unused=True)
-        live = [i for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
-        grads, params = [g[i] for i in live], [self.inner[i] for i in live]
-        term = [v[i] for i in live]  # v where the training loss reaches W, as hypergradient() does
-        p = [t.clone() for t in term]
-        norms = [_norm(term)]
         neumann_terms, scale_by_alpha = self.settings
-        for _ in range(neumann_terms):
-            hv = _zeros_for_none(torch.autograd.grad(grads, params, term, retain_graph=True, allow_unused=True), params)
-            term = [t - self.alpha * h for t, h in zip(term, hv)]
-            p = [a + b for a, b in zip(p, term)]
-            norms.append(_norm(term))
-        if scale_by_alpha:
-            p = [self.alpha * t for t in p]
-        mixed = _zeros_for_none(torch.autograd.grad(grads, self.phi, p, allow_unused=True), self.phi)
-        return ([-m.detach() for m in mixed], torch.stack(norms).detach(), _norm(v).detach(), matrix.detach(),
-                outer.detach())
+        parts = hypergradient_parts(train_loss, outer, self.inner, self.phi,
+                                    Neumann(neumann_terms, self.alpha, scale_by_alpha))
+        return parts.grads, torch.stack(parts.norms), parts.outer_grad_norm, matrix.detach(), outer.detach()
