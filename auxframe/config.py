@@ -195,26 +195,6 @@ def _gin_message(exc: BaseException) -> str:
     return msg.replace("\\n", "\n")
 
 
-def as_dict(config_text: str) -> dict[str, str]:
-    """A gin config's bindings as ``{"scope/configurable.param": "value"}`` (for W&B's run config).
-
-    Values that gin wrapped over several lines are joined.
-    """
-    out: dict[str, str] = {}
-    key = None
-    for line in config_text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            key = None
-            continue
-        if line[0] in " \t" and key is not None:
-            out[key] += " " + line.strip()
-        elif " = " in line:
-            key, value = line.split(" = ", 1)
-            key = key.strip()
-            out[key] = value.strip()
-    return out
-
-
 def operative_config() -> str:
     """What the run actually used: every parameter of every configurable that was called."""
     return gin.operative_config_str()

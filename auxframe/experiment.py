@@ -25,14 +25,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from auxframe import config, distributed, rundir
+from auxframe import distributed, rundir
 from auxframe.callbacks import Callback
 from auxframe.data.field_tasks import field_tasks
 from auxframe.data.loader import default_num_workers
 from auxframe.data.splits import LowDataSplit
 from auxframe.errors import ConfigError, TaskGraphError
 from auxframe.labelgen import build_generated_labels
-from auxframe.loggers import ScalarLog, WandbLogger
+from auxframe.loggers import ScalarLog, WandbLogger, gin_bindings
 from auxframe.models.multitask import MultiTaskModel
 from auxframe.registry import registry
 from auxframe.tasks import Task, TaskGraph, batch_groups
@@ -163,7 +163,7 @@ def train(
         if run is not None:
             run.create()
             loggers.append(ScalarLog(run.path))
-            wandb_id = wandb_logger.start(run.path, run.path.name, config.as_dict(gin.operative_config_str()), run.wandb_id())
+            wandb_id = wandb_logger.start(run.path, run.path.name, gin_bindings(gin.operative_config_str()), run.wandb_id())
             run.record_wandb_id(wandb_id)
             loggers.append(wandb_logger)
         trainer = Trainer(

@@ -57,6 +57,26 @@ def resolve_wandb_mode(online: bool) -> str | None:
     return "online" if online and _wandb_logged_in() else "offline"
 
 
+def gin_bindings(config_text: str) -> dict[str, str]:
+    """A gin config's bindings as ``{"scope/configurable.param": "value"}`` (for W&B's run config).
+
+    Values that gin wrapped over several lines are joined.
+    """
+    out: dict[str, str] = {}
+    key = None
+    for line in config_text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            key = None
+            continue
+        if line[0] in " \t" and key is not None:
+            out[key] += " " + line.strip()
+        elif " = " in line:
+            key, value = line.split(" = ", 1)
+            key = key.strip()
+            out[key] = value.strip()
+    return out
+
+
 class WandbLogger:
     """Logs scalars to W&B with the operative gin config as the run config.
 
