@@ -555,7 +555,8 @@ def write_sweep_file(sweep_dir: Path, gin_files: Sequence[str | Path], gin_param
     _write(path, json.dumps({
         "gin_files": [str(f) for f in gin_files], "gin_params": list(gin_params),
         "axes": [{"keys": list(a.keys), "values": [v.text for v in a.values]} for a in axes],
-        "points": [{"name": p.name, "bindings": list(p.bindings), "values": p.values} for p in points],
+        "points": [{"name": p.name, "bindings": list(p.bindings), "values": p.values, "columns": p.columns}
+                   for p in points],
         **extra,
     }, indent=2) + "\n")
     return path

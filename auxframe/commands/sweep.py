@@ -8,7 +8,7 @@ from pathlib import Path
 
 from auxframe.commands import add_gin_arguments
 
-HELP = "train a grid of gin parameter values, one run directory per point"
+HELP = "train a grid (or a random / Bayesian search) of gin parameter values, one run directory per point"
 EPILOG = ("Example: auxframe sweep --gin quickstart.gin --gin weightings/fixed.gin "
           "--grid \"weightings.fixed.weights={'parity': [0.1, 1.0], 'rotation': [0.0, 0.5]}\" --seeds 0 1")
 
@@ -29,6 +29,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write the grid as a W&B sweep configuration to YAML instead of training")
     p.add_argument("--dry-run", action="store_true",
                    help="parse every point's config and list the points and their bindings; train nothing")
+    search = p.add_argument_group("random and Bayesian search (Optuna; docs/sweeps.md)")
+    search.add_argument("--search", choices=("grid", "random", "tpe"), default="grid",
+                        help="grid: every point of the --grid axes (default); random or tpe (Bayesian): --trials "
+                             "configurations sampled from --space and the --grid values, each trained once per seed")
+    search.add_argument("--space", action="append", default=[], metavar="KEY=DIST",
+                        help="a searched parameter: KEY=loguniform(LOW, HIGH), uniform(...), int(...), logint(...), "
+                             "or KEY=[V1, V2, ...] (repeatable)")
+    search.add_argument("--trials", type=int, metavar="N", help="the search's number of trials, over all its workers")
+    search.add_argument("--storage", metavar="URL",
+                        help="Optuna storage shared by workers, e.g. postgresql://host/db (default: "
+                             "sqlite:///<sweep-dir>/optuna.db)")
+    search.add_argument("--study", metavar="NAME", help="the study's name in the storage (default: the sweep folder's name)")
+    search.add_argument("--search-seed", type=int, default=0, metavar="N", help="seeds the sampler (default: 0)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -36,6 +49,10 @@ def main(args: argparse.Namespace) -> int:
     from auxframe.errors import ConfigError
 
     axes = [sweep.parse_grid(spec) for spec in args.grid]
+    if args.search != "grid":
+        return _search(args, axes)
+    if args.space or args.trials is not None:
+        raise ConfigError("--space and --trials belong to a search: add --search random or --search tpe.")
     if args.seeds:
         axes.append(sweep.seeds_axis(args.seeds))
     if not axes:
@@ -59,8 +76,42 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as stop:
         print(f"auxframe: {stop or 'interrupted'}. Run the same sweep command again to continue.", file=sys.stderr)
         return 130
+    return _print_summary(out)
+
+
+def _print_summary(out: dict) -> int:
     print()
     print(out["text"], end="")
     print(f"summary: {out['markdown']}, {out['csv']} (configurations) and {out['points_csv']} (points)")
     failed = [r for r in out["results"] if r.status.startswith("failed")]
     return 1 if failed else 0
+
+
+def _search(args: argparse.Namespace, axes: list) -> int:
+    from auxframe import search
+    from auxframe.errors import ConfigError
+
+    if args.wandb_sweep:
+        raise ConfigError("--wandb-sweep writes grids only; drop --search, or run the search here.")
+    if args.trials is None:
+        raise ConfigError(f"--search {args.search} needs --trials N (how many configurations to try).")
+    dimensions = [search.axis_dimension(a) for a in axes] + [search.parse_space(s) for s in args.space]
+    sweep_dir = args.sweep_dir or str(Path("sweeps") / Path(args.gin[-1]).stem)
+    if args.dry_run:
+        example = search.trial_points({d.key: d.example() for d in dimensions}, (args.seeds or [])[:1],
+                                      [d.key for d in dimensions])
+        from auxframe import sweep
+
+        sweep.build_points(args.gin, args.gin_param, example)  # a config that does not parse is an error
+        for d in dimensions:
+            shown = ", ".join(d.choices) if d.kind == "categorical" else f"{d.low:g} .. {d.high:g}"
+            print(f"{d.key}: {d.kind} {shown}")
+        print(f"{args.trials} trials x {len(args.seeds or [0])} seed(s), {args.search} search")
+        return 0
+    try:
+        out = search.run_search(args.gin, args.gin_param, dimensions, args.seeds or [], sweep_dir, args.trials,
+                                args.search, args.storage, args.study, args.search_seed, args.jobs)
+    except KeyboardInterrupt as stop:
+        print(f"auxframe: {stop or 'interrupted'}. Run the same sweep command again to continue.", file=sys.stderr)
+        return 130
+    return _print_summary(out)
