@@ -25,7 +25,7 @@ def test_engine_on_gpu_equals_cpu():
     _, cpu_losses, cpu_ctx = make_step(seed=3)
     _, gpu_losses, gpu_ctx = make_step(seed=3, device="cuda")
     cpu, gpu = TaskGradients(cpu_losses, cpu_ctx), TaskGradients(gpu_losses, gpu_ctx)
-    assert gpu.batched == "fold" and not cpu.batched  # 'auto': the folded pass on the GPU, the loop on the CPU
+    assert gpu.batched == "vmap" and not cpu.batched  # 'auto': the vmapped pass on the GPU, the loop on the CPU
     torch.testing.assert_close(gpu.gramian(TASKS).cpu(), cpu.gramian(TASKS), rtol=1e-3, atol=1e-5)
     c = {"main": 1.0, "a": -0.5, "b": 2.0, "rot": -1.0}
     d_cpu, i_cpu = cpu.gradient_and_inner_products(c, TASKS[1:])
@@ -34,6 +34,22 @@ def test_engine_on_gpu_equals_cpu():
     v = [x.cuda() for x in d_cpu]
     torch.testing.assert_close(gpu.inner_products(TASKS, v).cpu(), cpu.inner_products(TASKS, d_cpu),
                                rtol=1e-3, atol=1e-5)
+
+
+def test_the_opt_in_fold_and_the_gramian_row_on_gpu_equal_cpu():
+    import warnings
+
+    _, cpu_losses, cpu_ctx = make_step(seed=4)
+    expected = TaskGradients(cpu_losses, cpu_ctx).gramian(TASKS)
+    for seed_step in range(2):  # the first use is checked against the public path, the second trusted
+        _, gpu_losses, gpu_ctx = make_step(seed=4, device="cuda")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no mismatch, no missing rule
+            got = TaskGradients(gpu_losses, gpu_ctx, batched="fold").gramian(TASKS)
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-3, atol=1e-5)
+    _, gpu_losses, gpu_ctx = make_step(seed=4, device="cuda")
+    row = TaskGradients(gpu_losses, gpu_ctx).gramian_row("main", TASKS[1:])
+    torch.testing.assert_close(row.cpu(), expected[0, 1:], rtol=1e-3, atol=1e-5 * float(expected.abs().max()))
 
 
 WEIGHTINGS = sorted(Registry().names("weightings"))
