@@ -21,12 +21,13 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 METHODS=${METHODS:-stl,stl_plus,equal_all,arml,uncertainty,adaloss,dwa,gradnorm,gcs,ol_aux,pcgrad}
 NS=${NS:-5 10}
 TUNE=${TUNE:-1}
-BENCH_AUXILEARN=${BENCH_AUXILEARN:-ratio,throughput}
+BENCH_AUXILEARN=${BENCH_AUXILEARN:-ratio,throughput,graph}
 
 # 1. CUDA tests (GPU against CPU for the engine and every weighting; end-to-end tests on the GPU),
 #    beside the results grid: both are light on the GPU.
 (AUXFRAME_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider \
     tests/test_cuda.py tests/test_gradients.py tests/test_arml.py tests/test_trainer.py tests/test_auxilearn.py \
+    tests/test_batched_backward.py tests/test_hypergrad.py \
     > "$OUT/cuda_tests.txt" 2>&1; echo "exit $?" >> "$OUT/cuda_tests.txt") &
 TESTS=$!
 
@@ -46,8 +47,11 @@ wait $TESTS
 
 # 3. Benchmarks on a quiet GPU.
 {
-  timeout 120 python3 bench/gradient_engine.py --device cuda --rounds 5 --calls 5
+  # per-task gradients (fold / vmap / loop), ARML's step, the Gramian at K=39 against LibMTL's loop
+  # (goal <= 0.5), OL_AUX's row and GradNorm's update
+  timeout 180 python3 bench/gradient_engine.py --device cuda --rounds 5 --calls 5
   timeout 120 python3 bench/weighting_throughput.py --device cuda --rounds 3
-  timeout 150 python3 bench/auxilearn_cost.py --device cuda --sections "$BENCH_AUXILEARN" --time-limit 25
+  timeout 200 python3 bench/auxilearn_cost.py --device cuda --sections "$BENCH_AUXILEARN" --time-limit 25
+  timeout 60 python3 bench/hypergrad_methods.py --rounds 5 --calls 10
 } > "$OUT/bench.txt" 2>&1
 echo done
