@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
 #: The subcommands, each the module ``auxframe.commands.<name>``.
-COMMANDS: tuple[str, ...] = ("run", "sweep", "report", "list", "describe", "labels")
+COMMANDS: tuple[str, ...] = ("run", "validate", "sweep", "report", "ls", "cp", "list", "describe", "labels")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as stop:
         print(f"auxframe: {stop or 'interrupted'}. Continue with --resume.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `auxframe ls | head`: the reader left; say nothing more
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -11,14 +11,18 @@ in the working directory, the including file's folder (and an enclosing ``config
 ``gin_configs`` folder), then the package's recipes, so a gin file anywhere can
 ``include 'base/train.gin'``. A package path (``include 'auxframe/configs/base/train.gin'``, or a
 plugin package's own ``'mypkg/configs/x.gin'``, whose folder has an ``__init__.py``) reads the
-file from that installed package through gin's resource reader, as dopamine's recipes do. On the command line, ``--gin quickstart.gin`` names a shipped recipe when no
-such file exists where you are (:func:`resolve_gin_file`).
+file from that installed package through gin's resource reader, as dopamine's recipes do. On the
+command line, ``--gin quickstart.gin`` names a shipped recipe when no such file exists where you are
+(:func:`resolve_gin_file`; :mod:`auxframe.recipes` lists and finds them).
+
+A misspelt parameter or configurable gets the closest existing name ("Did you mean 'train.steps'?")
+after gin's own message, which names the file and line.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Sequence
@@ -26,15 +30,14 @@ from typing import Sequence
 import gin
 from gin import config as gin_config
 
+from auxframe import recipes
 from auxframe.errors import ConfigError, PluginError
-from auxframe.registry import KINDS, registry
+from auxframe.recipes import CONFIGS, package_resource
+from auxframe.registry import KINDS, plugin_parameters, registry
 
 _REFERENCE = re.compile(r"(?<![\w.])(" + "|".join(KINDS) + r")\.([A-Za-z_]\w*)")
 _INCLUDE = re.compile(r"^\s*include\s+['\"]([^'\"]+)['\"]")
 
-
-CONFIGS = Path(__file__).resolve().parent / "configs"
-"""The recipes shipped inside the package."""
 
 _CONFIG_ROOTS = ("configs", "gin_configs")
 
@@ -43,27 +46,6 @@ def _folders_of(path: Path) -> list[Path]:
     """A gin file's own folder and the enclosing ``configs`` / ``gin_configs`` folder, if any."""
     path = path.resolve()
     return [path.parent] + [p for p in path.parents if p.name in _CONFIG_ROOTS and p != path.parent]
-
-
-def package_resource(name: str | Path) -> Path | None:
-    """The file a package path such as ``auxframe/configs/base/train.gin`` names, or None.
-
-    As gin's own resource reader reads it (``gin/resource_reader.py``): the folder is a Python package
-    (it has an ``__init__.py``), found without importing the package's modules.
-    """
-    import importlib.util
-
-    head, filename = os.path.split(str(name))
-    if not head or os.path.isabs(head) or not all(part.isidentifier() for part in head.split("/")):
-        return None
-    try:
-        spec = importlib.util.find_spec(head.replace("/", "."))
-    except (ImportError, ValueError):
-        return None
-    if spec is None or spec.origin is None:
-        return None
-    candidate = Path(spec.origin).parent / filename
-    return candidate if candidate.is_file() else None
 
 
 def _resolve_include(name: str, paths: Sequence[Path]) -> Path | None:
@@ -86,14 +68,9 @@ def resolve_gin_file(name: str | Path) -> Path:
     p = Path(name)
     if p.is_file():
         return p
-    if not p.is_absolute():
-        stripped = Path(*p.parts[1:]) if p.parts and p.parts[0] in _CONFIG_ROOTS else p  # 'gin_configs/x.gin'
-        for candidate in (CONFIGS / stripped, CONFIGS / f"{stripped}.gin"):
-            if candidate.is_file():
-                return candidate
-        found = package_resource(p)
-        if found is not None:
-            return found
+    found = recipes.find(p)
+    if found is not None:
+        return found
     raise ConfigError(
         f"gin file {name} does not exist (looked from {Path.cwd()} and among the shipped recipes in {CONFIGS}). "
         f"`auxframe ls` lists the recipes; `auxframe cp RECIPE FILE` copies one to edit."
@@ -192,7 +169,68 @@ def _gin_message(exc: BaseException) -> str:
     msg = str(exc).strip().strip('"')
     if isinstance(exc, KeyError) and msg.startswith("'") and msg.endswith("'"):
         msg = msg[1:-1]
-    return msg.replace("\\n", "\n")
+    msg = msg.replace("\\n", "\n")
+    first, _, rest = msg.partition("\n")
+    hint = _did_you_mean(first)
+    return f"{first}{hint}\n{rest}".rstrip("\n") if hint else msg
+
+
+_UNKNOWN_PARAMETER = re.compile(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'")
+_DENYLISTED = re.compile(r"Configurable '([^']+)' has denylisted kwarg '([^']+)'")
+_UNKNOWN_CONFIGURABLE = re.compile(r"No configurable matching (?:reference )?'@?([^'(]+)(?:\(\))?'")
+
+
+def _did_you_mean(message: str) -> str:
+    """A hint for gin's unknown-parameter and unknown-configurable errors (empty when none fits)."""
+    m = _UNKNOWN_PARAMETER.search(message)
+    if m:
+        selector, name = m.groups()
+        found = configurable(selector)
+        names = [p for p, _ in parameters(found)] if found is not None else []
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        if close:
+            return f" Did you mean '{selector}.{close[0]}'?"
+        if found is None:
+            return ""
+        return f" Its parameters: {', '.join(names)}." if names else f" {selector} takes no parameters."
+    m = _DENYLISTED.search(message)
+    if m:
+        selector, name = m.groups()
+        via = " (`auxframe run` sets it from its command line)" if selector == "train" else ""
+        return f" '{name}' cannot be set in gin{via}."
+    m = _UNKNOWN_CONFIGURABLE.search(message)
+    if m:
+        close = difflib.get_close_matches(m.group(1), configurable_names(), n=1, cutoff=0.6)
+        return f" Did you mean '{close[0]}'?" if close else " `auxframe describe NAME` shows what can be configured."
+    return ""
+
+
+def configurable(name: str) -> gin_config.Configurable | None:
+    """The gin configurable registered under ``name`` (``train``, ``weightings.fixed``, ...), or None."""
+    return gin_config._REGISTRY.get_match(name)  # noqa: SLF001 - gin has no public lookup
+
+
+def configurable_names() -> list[str]:
+    """The gin name of every registered configurable (gin's own excluded), sorted."""
+    found = [c for _, c in gin_config._REGISTRY.items()]  # noqa: SLF001
+    return sorted(gin_name(c) for c in found if c.module != "gin")
+
+
+def gin_name(found: gin_config.Configurable) -> str:
+    """The name gin files use for a configurable: ``train`` and ``LowDataSplit`` (auxframe's core,
+    registered without a module), ``torch.optim.Adam``, ``weightings.fixed``."""
+    if found.module == found.wrapped.__module__ and found.module.split(".")[0] == "auxframe":
+        return gin_config._REGISTRY.minimal_selector(found.selector)  # noqa: SLF001
+    return found.selector
+
+
+def parameters(found: gin_config.Configurable) -> list[tuple[str, object]]:
+    """The parameters gin may set on a configurable, as ``(name, default)`` pairs
+    (``inspect.Parameter.empty`` marks one without a default); its allow- and denylist applied."""
+    params = plugin_parameters(found.wrapped)
+    if found.allowlist:
+        params = [p for p in params if p[0] in found.allowlist]
+    return [p for p in params if p[0] not in (found.denylist or ())]
 
 
 def operative_config() -> str:

@@ -41,10 +41,11 @@ from auxframe.trainer import ResolvedTask, Schedule, Trainer, check_same_graph
 from auxframe.weighting.base import Weighting, WeightingSetup
 
 
-@gin.configurable(denylist=["run_dir", "resume"])
+@gin.configurable(denylist=["run_dir", "resume", "dry_run"])
 def train(
     run_dir: str | Path | None = None,
     resume: bool = False,
+    dry_run: bool = False,
     *,
     dataset: Any = None,
     tasks: TaskGraph | None = None,
@@ -76,6 +77,9 @@ def train(
     Args:
         run_dir: where the run's files go (None: train without writing anything).
         resume: continue the run in ``run_dir`` from its latest checkpoint.
+        dry_run: check ``run_dir`` (if given), build and validate everything (the dry forward
+            included), then return what was built (:func:`dry_run_summary`) without training or
+            writing anything.
         dataset: the dataset, e.g. ``@datasets.digits()``.
         tasks: the task graph, ``@TaskGraph()``.
         backbone: backbone factory, e.g. ``@backbones.small_cnn`` (called with ``input_shape``).
@@ -158,6 +162,8 @@ def train(
             list(model.parameters()) + list(weighting.inner_parameters())
         )
         scheduler_ = scheduler(optimizer_) if scheduler is not None else None
+        if dry_run:
+            return dry_run_summary(tasks, split_, model, weighting, device_, steps, run_dir)
 
         wandb_logger = wandb or WandbLogger()
         if run is not None:
@@ -189,6 +195,17 @@ def train(
             lg.close()
         if run is not None:
             run.release()
+
+
+def dry_run_summary(graph: TaskGraph, split: Any, model: nn.Module, weighting: Weighting, device: torch.device,
+                    steps: int, run_dir: str | Path | None) -> dict[str, Any]:
+    """What ``train(dry_run=True)`` built: tasks, pool sizes, parameter count, weighting, device."""
+    return {
+        "dry_run": True, "main_task": graph.main.name, "aux_tasks": [t.name for t in graph.aux],
+        "pools": split.sizes(), "parameters": sum(p.numel() for p in model.parameters()),
+        "weighting": type(weighting).__name__, "device": str(device), "steps": steps,
+        "run_dir": str(run_dir) if run_dir is not None else None,
+    }
 
 
 # -- building blocks (usable from Python without gin) -----------------------------------------------

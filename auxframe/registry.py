@@ -169,7 +169,7 @@ class Registry:
     # -- finding (metadata only) -------------------------------------------------------------
     def find(self, kind: str | None = None) -> list[PluginInfo]:
         """Every plugin of ``kind`` (or of every kind), sorted by name; imports nothing."""
-        kinds = [self._check_kind(kind)] if kind is not None else list(KINDS)
+        kinds = [self.check_kind(kind)] if kind is not None else list(KINDS)
         found: list[PluginInfo] = []
         for k in kinds:
             if k not in self._found:
@@ -199,6 +199,17 @@ class Registry:
                 f"them, or rename the entry point in one package's pyproject.toml."
             )
         return matches[0]
+
+    def clashes(self, kind: str | None = None) -> list[str]:
+        """One message per plugin name declared by more than one package (metadata only)."""
+        out = []
+        for k in [self.check_kind(kind)] if kind is not None else KINDS:
+            for name in self.names(k):
+                try:
+                    self.info(k, name)
+                except PluginError as err:
+                    out.append(str(err))
+        return out
 
     # -- loading -----------------------------------------------------------------------------
     def get(self, kind: str, name: str) -> Any:
@@ -255,7 +266,8 @@ class Registry:
                 raise PluginError(f"{where}: {err}") from None
 
     # -- helpers -----------------------------------------------------------------------------
-    def _check_kind(self, kind: str) -> str:
+    def check_kind(self, kind: str) -> str:
+        """``kind`` if it is one of :data:`KINDS`, else a :class:`PluginError` with the closest kind."""
         if kind not in KINDS:
             close = difflib.get_close_matches(kind, KINDS, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""

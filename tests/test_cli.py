@@ -63,14 +63,30 @@ def test_quickstart_end_to_end_with_wandb_offline(tmp_path):
     assert not (tmp_path / "wandb").exists()  # nothing outside the run directory
 
 
-def test_list_shows_every_builtin_with_its_package(capsys):
+def test_list_shows_every_builtin_with_its_package_and_target(capsys):
     code, out, _ = cli(capsys, "list")
     assert code == 0
+    assert out.splitlines()[0].split() == ["NAME", "KIND", "PACKAGE", "VERSION", "TARGET"]
+    by_name = {(r[1], r[0]): r for r in (line.split() for line in out.splitlines()[1:])}
+    for kind, name, target in [("backbones", "small_cnn", "auxframe.models.backbones:SmallCNN"),
+                               ("weightings", "equal", "auxframe.weighting.fixed:Equal"),
+                               ("datasets", "digits", "auxframe.data.digits:digits"),
+                               ("signals", "rotation", "auxframe.data.signals:Rotation")]:
+        assert by_name[(kind, name)][2:] == ["auxframe", auxframe_version(), target]
+
+
+def auxframe_version():
+    from auxframe import __version__
+
+    return __version__
+
+
+def test_list_check_loads_every_plugin_and_shows_its_status(capsys):
+    code, out, _ = cli(capsys, "list", "--check")
+    assert code == 0
+    assert out.splitlines()[0].split() == ["NAME", "KIND", "PACKAGE", "VERSION", "STATUS"]
     rows = [line.split() for line in out.splitlines()[1:]]
-    by_name = {(r[1], r[0]): r for r in rows}
-    for kind, name in [("backbones", "small_cnn"), ("weightings", "equal"), ("datasets", "digits"),
-                       ("signals", "rotation"), ("losses", "cross_entropy"), ("metrics", "accuracy")]:
-        assert by_name[(kind, name)][2] == "auxframe" and by_name[(kind, name)][4] == "ok"
+    assert len(rows) >= 50 and all(r[4] == "ok" for r in rows if r[2] == "auxframe")
 
 
 def test_list_one_kind(capsys):
@@ -82,6 +98,30 @@ def test_list_one_kind(capsys):
 def test_list_unknown_kind(capsys):
     code, _, err = cli(capsys, "list", "weighting")
     assert code == 2 and "unknown plugin kind 'weighting'" in err and "Did you mean 'weightings'" in err
+
+
+def _modules_after(*args: str) -> set[str]:
+    """The modules a fresh interpreter holds after ``auxframe ARGS``."""
+    code = ("import sys, json\nfrom auxframe.cli import main\n"
+            f"main({list(args)!r})\nprint(json.dumps(sorted(sys.modules)))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    return set(json.loads(out.splitlines()[-1]))
+
+
+def test_list_and_ls_import_no_torch_no_gin_no_plugin():
+    for command in (["list"], ["ls"]):
+        modules = _modules_after(*command)
+        assert not {"torch", "gin", "numpy"} & modules, command
+        assert not any(m.startswith(("auxframe.models", "auxframe.weighting", "auxframe.data")) for m in modules)
+
+
+def test_describe_imports_only_the_plugin_asked_for():
+    modules = _modules_after("describe", "weightings.arml")
+    assert "auxframe.weighting.arml" in modules and "torch" in modules
+    others = {"auxframe.weighting.auxilearn", "auxframe.weighting.loss_based", "auxframe.experiment",
+              "auxframe.trainer", "auxframe.models.backbones", "auxframe.data.digits", "torchvision"}
+    assert not others & modules
 
 
 def test_describe_shows_doc_parameters_and_package(capsys):
@@ -96,10 +136,82 @@ def test_describe_unknown_plugin(capsys):
     assert code == 2 and "Did you mean 'small_cnn'" in err
 
 
+@pytest.mark.parametrize("name, words", [
+    ("train", ["Build the experiment", "  steps = 1000", "  seed = 0", "train.PARAMETER = VALUE"]),
+    ("Task", ["One task of the task graph", "  name (required)", "  head = 'classification'"]),
+    ("TaskGraph", ["  tasks (required)"]),
+    ("LowDataSplit", ["  labels_per_class = 10", "  test_fraction = 0.3", "  seed = 0"]),
+    ("torch.optim.Adam", ["  lr = 0.001", "torch.optim.Adam.PARAMETER"]),
+])
+def test_describe_covers_the_core_configurables(capsys, name, words):
+    code, out, _ = cli(capsys, "describe", name)
+    assert code == 0
+    for w in words:
+        assert w in out, out
+    params = out.split("Parameters:")[1]
+    assert "run_dir" not in params and "dry_run" not in params  # set by the command, not in gin
+
+
+def test_describe_a_kind_lists_its_contract_and_plugins(capsys):
+    code, out, _ = cli(capsys, "describe", "weightings")
+    assert code == 0 and "subclasses of auxframe.weighting.Weighting" in out and "auxframe.weighting.arml:ARML" in out
+
+
+def test_describe_a_misspelt_configurable(capsys):
+    code, _, err = cli(capsys, "describe", "TaskGrap")
+    assert code == 2 and "Did you mean 'TaskGraph'?" in err and "LowDataSplit" in err
+
+
+def test_describe_dataset_fields(capsys):
+    code, out, _ = cli(capsys, "describe", "datasets.digits", "--fields")
+    assert code == 0
+    assert "1797 images of shape (1, 8, 8); the split stratifies on 'digit'" in out
+    rows = {line.split()[0]: line.split() for line in out.split("FIELD")[1].splitlines()[1:]}
+    assert rows["digit"][1:6] == ["class", "10", "classes", "()", "int64"]
+    assert rows["loops"][1:3] == ["class", "3"]
+    code, out, _ = cli(capsys, "describe", "datasets.digits", "--fields", "--gin-param", "datasets.digits.dense=True")
+    rows = {line.split()[0]: line.split() for line in out.split("FIELD")[1].splitlines()[1:]}
+    assert rows["digit_map"][2:7] == ["11", "classes", "(8,", "8)", "int64"]  # a label per pixel
+
+
+def test_describe_fields_of_a_dataset_without_its_data(capsys, tmp_path):
+    code, out, err = cli(capsys, "describe", "datasets.cifar10", "--fields", "--gin-param", f"datasets.cifar10.root='{tmp_path}'")
+    assert code == 2 and "Parameters:" in out  # the documentation first, then why no fields
+    assert "cannot list the label fields of datasets.cifar10 without building it" in err and "cifar-10-batches-py" in err
+    code, _, err = cli(capsys, "describe", "weightings.arml", "--fields")
+    assert code == 2 and "name one as datasets.NAME" in err
+
+
+def test_run_dry_run_and_validate_build_check_print_and_write_nothing(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for command in (["run", "--dry-run"], ["validate"]):
+        code, out, err = cli(capsys, *command, "--gin", "quickstart.gin", *quick_params(3))
+        assert code == 0, err
+        assert "train.steps = 3" in out and "LowDataSplit.labels_per_class = 10" in out  # the operative config
+        assert "main task 'digit', auxiliary tasks: rotation, parity, ge5" in out
+        assert "split: labeled 100, aux " in out and "Nothing was written." in out
+        assert list(tmp_path.iterdir()) == []
+    # a bad binding is found by the dry run, with the usual message
+    code, _, err = cli(capsys, "validate", "--gin", "quickstart.gin", *quick_params(3), "--gin-param", "digit/Task.labels = 'digits'")
+    assert code == 2 and "labels 'digits'" in err
+    # a named run directory is checked, and still not created
+    code, out, _ = cli(capsys, "validate", "--gin", "quickstart.gin", *quick_params(3), "--run-dir", tmp_path / "r")
+    assert code == 0 and "run directory" in out and not (tmp_path / "r").exists()
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.gin").write_text("train.steps = 1\n")
+    code, _, err = cli(capsys, "validate", "--gin", "quickstart.gin", *quick_params(3), "--run-dir", tmp_path / "r")
+    assert code == 2 and "already holds a run" in err
+
+
 # -- bad input: one clear message, nothing half-written -------------------------------------------
 BAD_BINDINGS = [
     (["train.backbone = @backbones.smal_cnn"], ["unknown backbones plugin 'smal_cnn'", "Did you mean 'small_cnn'", "--gin-param"]),
-    (["train.stepz = 3"], ["doesn't have a parameter named 'stepz'"]),
+    (["train.stepz = 3"], ["doesn't have a parameter named 'stepz'. Did you mean 'train.steps'?"]),
+    (["weightings.equal.weight = 1"], ["weightings.equal takes no parameters"]),
+    (["train.qqq = 1"], ["Its parameters: dataset, tasks, backbone,"]),
+    (["LowDataSplit.label_per_class = 3"], ["Did you mean 'LowDataSplit.labels_per_class'?"]),
+    (["trian.steps = 3"], ["No configurable matching 'trian'. Did you mean 'train'?"]),
+    (["train.run_dir = 'x'"], ["'run_dir' cannot be set in gin (`auxframe run` sets it from its command line)"]),
     (["TaskGraph.tasks = [@digit/Task(), @parity/Task()]", "parity/Task.main = True"], ["exactly one main task", "digit, parity"]),
     (["digit/Task.main = False"], ["exactly one main task, found none"]),
     (["LowDataSplit.labels_per_class = 200"], ["labels_per_class=200", "lower labels_per_class"]),
@@ -127,7 +239,7 @@ def test_unknown_parameter_in_a_file_names_file_and_line(capsys, tmp_path):
     bad = tmp_path / "bad.gin"
     bad.write_text(f"include '{QUICKSTART}'\n# a comment\ntrain.batchsize = 8\n")
     code, _, err = cli(capsys, "run", "--gin", bad, "--run-dir", tmp_path / "run")
-    assert code == 2 and "bad.gin" in err and "line 3" in err and "batchsize" in err
+    assert code == 2 and "bad.gin" in err and "line 3" in err and "Did you mean 'train.batch_size'?" in err
     assert not (tmp_path / "run").exists()
 
 

@@ -335,20 +335,33 @@ def auxframe(site: Path, *args: str, cwd: Path = REPO) -> subprocess.CompletedPr
                           cwd=cwd, env=env, timeout=180)
 
 
-def list_rows(stdout: str) -> dict[tuple[str, str], dict[str, str]]:
-    """``auxframe list`` output as {(name, package): {kind, version, status}}."""
+def list_rows(stdout: str, last: str = "STATUS") -> dict[tuple[str, str], dict[str, str]]:
+    """``auxframe list [--check]`` output as {(name, package): {kind, version, status or target}}."""
     lines = stdout.strip().splitlines()
-    assert re.split(r"\s{2,}", lines[0].strip()) == ["NAME", "KIND", "PACKAGE", "VERSION", "STATUS"]
+    assert re.split(r"\s{2,}", lines[0].strip()) == ["NAME", "KIND", "PACKAGE", "VERSION", last]
     rows = {}
     for line in lines[1:]:
         name, kind, package, version, status = re.split(r"\s{2,}", line.strip(), maxsplit=4)
-        rows[(name, package)] = {"kind": kind, "version": version, "status": status}
+        rows[(name, package)] = {"kind": kind, "version": version, last.lower(): status}
     return rows
 
 
 @pytest.mark.slow
-def test_list_shows_installed_plugins_with_their_package_and_status(installed):
+def test_list_reads_metadata_only_and_names_clashes(installed):
+    """Without --check nothing is imported: broken plugins are listed with their targets like the others."""
     done = auxframe(installed["both"], "list")
+    assert done.returncode == 0, done.stderr
+    rows = list_rows(done.stdout, last="TARGET")
+    assert rows[("broken_import", "auxframe-broken")]["target"].startswith("auxframe_broken.broken_import:")
+    assert rows[("example_resnet", "auxframe-example")] == {
+        "kind": "backbones", "version": "0.1.0", "target": "auxframe_example.backbones:ExampleResNet"}
+    assert "weightings.aux_anneal is declared by more than one package" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_list_check_shows_installed_plugins_with_their_package_and_status(installed):
+    done = auxframe(installed["both"], "list", "--check")
     assert done.returncode == 0, done.stderr
     rows = list_rows(done.stdout)
 
@@ -372,7 +385,7 @@ def test_list_shows_installed_plugins_with_their_package_and_status(installed):
 
 @pytest.mark.slow
 def test_list_kind_shows_only_that_kind(installed):
-    done = auxframe(installed["both"], "list", "backbones")
+    done = auxframe(installed["both"], "list", "backbones", "--check")
     assert done.returncode == 0, done.stderr
     rows = list_rows(done.stdout)
     assert {row["kind"] for row in rows.values()} == {"backbones"}
@@ -390,6 +403,19 @@ def test_describe_shows_docstring_and_parameters(installed):
     assert "gin: @backbones.example_resnet" in out
     assert "A tiny residual CNN" in out
     assert re.search(r"Parameters:\n  input_shape \(required\)\n  width = 32\n  blocks = 2\n", out), out
+
+
+@pytest.mark.slow
+def test_a_plugin_package_ships_a_recipe(installed, tmp_path):
+    """auxframe-example declares its recipe folder in group auxframe.recipes: listed, and it runs by package path."""
+    done = auxframe(installed["example"], "ls", "auxframe_example/", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1].startswith("auxframe_example/configs/resnet_anneal.gin  The quickstart with")
+    done = auxframe(installed["example"], "validate", "--gin", "auxframe_example/configs/resnet_anneal.gin",
+                    "--gin-param", "train.steps=2", "--gin-param", "train.device='cpu'", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "train.backbone = @backbones.example_resnet" in done.stdout and "weighting AuxAnneal" in done.stdout
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow

@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where the run's files go (default: runs/<config name>-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its latest checkpoint")
+    p.add_argument("--dry-run", action="store_true",
+                   help="parse, build and check everything (one dry forward pass), print the operative config, "
+                        "and stop: nothing is trained or written (same as `auxframe validate`)")
     p.add_argument("bindings", nargs="*", metavar="KEY=VALUE",
                    help="more gin bindings, applied after --gin-param (as a W&B sweep agent passes them)")
 
@@ -39,9 +42,26 @@ def main(args: argparse.Namespace) -> int:
     config.parse(args.gin, [*args.gin_param, *args.bindings])
     from auxframe.experiment import train
 
+    if args.dry_run:  # the run directory is checked only when named
+        print_dry_run(train(run_dir=args.run_dir, resume=args.resume, dry_run=True), config.operative_config())
+        return 0
     result = train(run_dir=args.run_dir or default_run_dir(args.gin), resume=args.resume)
     print_result(result)
     return 0
+
+
+def print_dry_run(summary: dict, operative: str) -> None:
+    """The operative config, then what was built; says that nothing was written."""
+    print(operative.rstrip())
+    print()
+    pools = ", ".join(f"{name} {n}" for name, n in summary["pools"].items())
+    aux = ", ".join(summary["aux_tasks"]) or "none"
+    print(f"main task '{summary['main_task']}', auxiliary tasks: {aux}")
+    print(f"split: {pools}")
+    print(f"model: {summary['parameters']:,} parameters on {summary['device']}; weighting {summary['weighting']}; "
+          f"{summary['steps']} steps")
+    where = f"; run directory {summary['run_dir']} is usable" if summary["run_dir"] else ""
+    print(f"dry run: the config builds and every task passed its dry forward pass{where}. Nothing was written.")
 
 
 def print_result(result: dict) -> None:
