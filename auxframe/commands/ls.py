@@ -26,8 +26,9 @@ def main(args: argparse.Namespace) -> int:
     if not found:
         print(f"no recipes{' starting with ' + repr(args.prefix) if args.prefix else ''}")
         return 0
-    names = max(len(r.name) for r in found)
-    width = max(40, shutil.get_terminal_size((160, 24)).columns - names - 2)  # one line each
+    width = 10**6  # piped: whole sentences, for grep
+    if sys.stdout.isatty():  # on a terminal: one line each
+        width = max(40, shutil.get_terminal_size().columns - max(len(r.name) for r in found) - 2)
     print_table([(r.name, _fit(r.description, width)) for r in found], ("RECIPE", "DESCRIPTION"))
     return 0
 
