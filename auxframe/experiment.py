@@ -69,6 +69,12 @@ def train(
     sync_batchnorm: bool | None = None,
     num_workers: int | str = "auto",
     prefetch_factor: int = 2,
+    precision: str = "fp32",
+    tf32: bool = True,
+    channels_last: bool = False,
+    compile: bool | str = False,
+    cudnn_benchmark: bool | None = None,
+    deterministic: bool = False,
     wandb: WandbLogger | None = None,
     callbacks: Sequence[Callback] = (),
 ) -> dict[str, Any]:
@@ -110,6 +116,18 @@ def train(
             training threads) and one per 4 cores beyond. 0: batches are made in the training
             process. See README, "The data path".
         prefetch_factor: steps each worker has ready in advance.
+        precision: the inner step's forward in ``'fp32'``, ``'bf16'`` or ``'fp16'`` (autocast; fp16
+            with a loss scale). Losses, outer steps (AuxiLearn's hypergradient), forward-mode JVPs
+            and evaluation stay fp32; see :mod:`auxframe.strategy` and README, "Precision and speed".
+        tf32: let fp32 matrix products and convolutions use TF32 on Ampere and later GPUs.
+        channels_last: NHWC memory format for the convolutions (often faster with bf16/fp16 on GPUs).
+        compile: ``torch.compile`` the inner step's forward (True, or a backend name such as
+            ``'aot_eager'``); a weighting that differentiates the step's graph twice runs eagerly.
+        cudnn_benchmark: let cuDNN time its algorithms and keep the fastest (None: on CUDA unless
+            ``deterministic``).
+        deterministic: deterministic algorithms only (with cuDNN and cuBLAS), so that a resumed run
+            on a GPU is bit-identical to an uninterrupted one; an operation without a deterministic
+            implementation then raises.
         wandb: the W&B logger settings (default: offline, project ``auxframe``).
         callbacks: more trainer callbacks (:class:`auxframe.callbacks.Callback`), e.g.
             ``[@MyCallback()]`` after ``gin.register(MyCallback)``; their state is checkpointed.
@@ -121,7 +139,9 @@ def train(
     _require(tasks, "tasks", "@TaskGraph()", "tasks/digits_attributes.gin")
     _require(backbone, "backbone", "@backbones.small_cnn", "models/small_cnn.gin")
     _check_positive(steps=steps, batch_size=batch_size, log_every=log_every, eval_batch_size=eval_batch_size)
-    strategy = Strategy(resolve_device(device), sync_batchnorm=sync_batchnorm)
+    strategy = Strategy(resolve_device(device), sync_batchnorm=sync_batchnorm, precision=precision, tf32=tf32,
+                        channels_last=channels_last, compile=compile, cudnn_benchmark=cudnn_benchmark,
+                        deterministic=deterministic)
     run: rundir.RunDir | None = None  # rank 0's handle on the run directory
     loggers: list[Any] = []
     trainer: Trainer | None = None
@@ -195,6 +215,7 @@ def train(
             lg.close()
         if run is not None:
             run.release()
+        strategy.close()
 
 
 def dry_run_summary(graph: TaskGraph, split: Any, model: nn.Module, weighting: Weighting, device: torch.device,

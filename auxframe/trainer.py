@@ -176,10 +176,11 @@ class Trainer:
             train_batch=self._next_train_batch,
             aux_set_batch=self._next_aux_set_batch if self.aux_loader is not None else None,
             make_losses=self._losses_from,
+            backward=self.strategy.scaled_backward,
         )
         self._aux_names = [t.name for t in graph.aux]  # computed once, not on every step
         self._group_tasks = [g.tasks for g in self.groups]
-        self.strategy.setup(model, weighting)
+        self.strategy.setup(model, weighting, optimizer)
         self._forward_model = model  # the inner step's forward runs the strategy's train_model
 
     @property
@@ -376,8 +377,7 @@ class Trainer:
         self.call("before_optimizer_step", losses)  # the non-finite policy may drop the step
         if self.control.skip_step:  # no update of the parameters or the optimizer's state
             self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.strategy.optimizer_step(self.optimizer)
+        self.strategy.optimizer_step(self.optimizer, skip=self.control.skip_step)
         if self.scheduler is not None:
             self.scheduler.step()
         self.control.weights_updated = not self.control.skip_step and bool(self.weighting.after_step(self.ctx))
@@ -459,8 +459,10 @@ class Trainer:
 
     # -- non-finite values -----------------------------------------------------------------------
     def finite_step(self, losses: TaskLosses) -> bool:
-        """Whether this step's losses and gradients are finite on every rank."""
-        values = torch.stack([*losses.detached_means().values(), *torch._foreach_norm(all_gradients(self.optimizer))])
+        """Whether this step's losses and gradients are finite on every rank (gradients that
+        overflowed under the fp16 loss scale are the scale's business: it skips that step)."""
+        grads = [] if self.strategy.overflowed() else all_gradients(self.optimizer)
+        values = torch.stack([*losses.detached_means().values(), *torch._foreach_norm(grads)])
         return not self.strategy.any(not bool(torch.isfinite(values).all()))
 
     # -- checkpoints -----------------------------------------------------------------------------

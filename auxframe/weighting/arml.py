@@ -39,7 +39,7 @@ import torch
 
 from auxframe.errors import ConfigError
 from auxframe.weighting.base import StepContext, TaskLosses, Weighting, WeightingSetup
-from auxframe.weighting.gradients import JVP_MODES, TaskGradients, check_space, project_to_simplex
+from auxframe.weighting.gradients import JVP_MODES, TaskGradients, check_space, has_dropout, project_to_simplex
 
 _ALGORITHMS = ("simple", "langevin")
 
@@ -105,6 +105,8 @@ class ARML(Weighting):
         if not self.aux_tasks:
             raise ConfigError("ARML weighs auxiliary tasks, but the task graph has none; use weightings.stl.")
         self.model = info.model
+        # The inner products by reverse mode (or fused) differentiate the step's graph twice.
+        self.double_backward = self.jvp != "forward" or self.space == "last_shared" or has_dropout(info.model.backbone)
         self.w = torch.ones(len(self.aux_tasks), device=info.device, requires_grad=True)
         self.optimizer = self.weight_optimizer_factory([self.w], lr=self.weight_lr)
         self.noise_rng = torch.Generator(device=info.device).manual_seed(self.seed)
@@ -145,7 +147,7 @@ class ARML(Weighting):
         total = self.combine(losses, ctx)
         if ctx.step % self.update_every == 0:
             self._update_weights(losses, ctx)
-        total.backward()
+        ctx.backward(total) if ctx.backward is not None else total.backward()  # (the fp16 loss scale)
         return total.detach()
 
     def after_step(self, ctx: StepContext) -> bool:

@@ -4,7 +4,7 @@ Fixed, loss-based, gradient-based and bilevel methods all implement this one cla
 calls, per inner step::
 
     losses = TaskLosses(...)                 # unreduced per-task losses of this step
-    weighting.backward(losses, ctx)          # default: combine(losses, ctx).backward()
+    weighting.backward(losses, ctx)          # default: ctx.backward(combine(losses, ctx))
     optimizer.step()
     updated = weighting.after_step(ctx)      # True: a periodic update changed the weights
     if weighting.outer_every and step % weighting.outer_every == 0:
@@ -165,6 +165,9 @@ class StepContext:
         aux_set_batch: draws the next auxiliary-set batch as ``(inputs, main-task targets)``.
         make_losses: the trainer's task losses of given head outputs and targets,
             ``make_losses({task: output}, {task: targets}) -> TaskLosses``.
+        backward: ``backward(loss)`` fills ``.grad`` from a scalar loss as ``loss.backward()`` does,
+            through the fp16 loss scale when there is one; call it for the model's backward (None:
+            ``loss.backward()``).
     """
 
     step: int
@@ -176,6 +179,7 @@ class StepContext:
     train_batch: Callable[[], dict[tuple[str, ...], tuple[torch.Tensor, dict[str, torch.Tensor]]]] | None = None
     aux_set_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
     make_losses: Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], TaskLosses] | None = None
+    backward: Callable[[torch.Tensor], None] | None = None
 
 
 class Weighting:
@@ -183,6 +187,9 @@ class Weighting:
 
     Attributes:
         outer_every: run :meth:`outer_step` every this many inner steps; 0 for none.
+        double_backward: :meth:`backward` differentiates the inner step's graph twice (e.g. by
+            reverse-mode Jacobian-vector products). ``torch.compile``'s graphs cannot be, so with
+            ``train.compile`` such a weighting's inner steps run eagerly (with one warning).
 
     :meth:`after_step` and :meth:`outer_step` return True in a step where a periodic update
     changed the weights (ARML's weight step, an outer step, DWA's epoch): the trainer then logs
@@ -191,6 +198,7 @@ class Weighting:
     """
 
     outer_every: int = 0
+    double_backward: bool = False
 
     def setup(self, info: WeightingSetup) -> None:
         """Called once before training (and before :meth:`load_state_dict` on resume)."""
@@ -213,9 +221,16 @@ class Weighting:
         raise NotImplementedError(f"{type(self).__name__} must define combine(losses, ctx) or override backward()")
 
     def backward(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
-        """Put gradients into ``.grad`` of the parameters; returns the combined loss (detached)."""
+        """Put gradients into ``.grad`` of the parameters; returns the combined loss (detached).
+
+        Run the model's backward through ``ctx.backward(loss)`` (as here), so that the fp16 loss
+        scale applies to it.
+        """
         total = self.combine(losses, ctx)
-        total.backward()
+        if ctx.backward is not None:
+            ctx.backward(total)
+        else:
+            total.backward()
         return total.detach()
 
     def after_step(self, ctx: StepContext) -> bool | None:
