@@ -51,6 +51,9 @@ wait $TESTS
   # (goal <= 0.5), OL_AUX's row and GradNorm's update
   timeout 180 python3 bench/gradient_engine.py --device cuda --rounds 5 --calls 5
   timeout 120 python3 bench/weighting_throughput.py --device cuda --rounds 3
+  # every weighting over Equal at K = 5 and 39 attribute heads (issue 15 goals at K = 39: loss-based
+  # <= 1.2, Gramian <= 2.0; TorchJD's cvxpy/quadprog extras must be installed there)
+  timeout 300 python3 bench/weighting_throughput.py --device cuda --tasks k5,k39 --steps 20 --rounds 3
   timeout 200 python3 bench/auxilearn_cost.py --device cuda --sections "$BENCH_AUXILEARN" --time-limit 25
   timeout 60 python3 bench/hypergrad_methods.py --rounds 5 --calls 10
 } > "$OUT/bench.txt" 2>&1
