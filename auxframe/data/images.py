@@ -11,7 +11,7 @@ normalised, training batches (:meth:`get_train_batch`) are augmented too.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -88,23 +88,30 @@ class SampleDataset(ImageDataset):
         return self.labels[field]
 
     def _example(self, index: int, train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Image ``index`` through the pipeline, with its dense label maps (per-image labels: :meth:`_labels`)."""
         image, dense = self.read(index)
-        x, labels = self.pipeline(image, dense, train=train)
-        for name, values in self.labels.items():
-            labels[name] = torch.tensor(values[index])
-        return x, labels
+        return self.pipeline(image, dense, train=train)
+
+    def _labels(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The per-image labels of a batch, by one indexing of each field's array."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return {name: torch.from_numpy(values[idx]) for name, values in self.labels.items()}
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self._example(int(index), train=False)
+        x, labels = self._example(int(index), train=False)
+        labels.update({name: torch.tensor(values[int(index)]) for name, values in self.labels.items()})
+        return x, labels
 
     def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self._collate([self._example(int(i), train=False) for i in indices])
+        idx = [int(i) for i in indices]
+        return self._collate([self._example(i, train=False) for i in idx], self._labels(idx))
 
     def get_train_batch(self, indices: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self.pipeline.seed(seed)
-        return self._collate([self._example(int(i), train=True) for i in indices])
+        idx = [int(i) for i in indices]
+        return self._collate([self._example(i, train=True) for i in idx], self._labels(idx))
 
-    def _collate(self, items: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _collate(self, items: list, labels: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         shapes = {tuple(x.shape) for x, _ in items}
         if len(shapes) > 1:
             raise DataError(
@@ -112,7 +119,8 @@ class SampleDataset(ImageDataset):
                 f"with its transforms (e.g. `Transforms.resize = (224, 224)`)."
             )
         images = torch.stack([x for x, _ in items])
-        return images, {f: torch.stack([lab[f] for _, lab in items]) for f in self.fields}
+        dense = {f: torch.stack([lab[f] for _, lab in items]) for f in self.fields if f not in labels}
+        return images, {f: labels[f] if f in labels else dense[f] for f in self.fields}
 
 
 # -- files ------------------------------------------------------------------------------------------
@@ -138,7 +146,7 @@ def read_image(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise DataError(f"cannot read the image {path}: {exc}. Replace or remove the file.") from exc
 

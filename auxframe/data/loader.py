@@ -271,6 +271,7 @@ class BatchStream(Iterator):
     Attributes:
         wait_s: seconds spent waiting in ``next`` (for a batch and its finishing) since the last
             :meth:`pop_wait`.
+        total_wait_s: the same since the stream was made.
 
     Example:
         >>> stream = BatchStream({"labeled": PoolLoader(data, split.labeled, 32, seed=0)}, torch.device("cpu"))
@@ -287,7 +288,7 @@ class BatchStream(Iterator):
         self.device = torch.device(device)
         self.num_workers, self.prefetch_factor = int(num_workers), int(prefetch_factor)
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
-        self.wait_s = 0.0
+        self.wait_s = self.total_wait_s = 0.0
         self._loader: torch.utils.data.DataLoader | None = None
         self._iterator = None
         self._versions: tuple[int, ...] = ()
@@ -302,7 +303,9 @@ class BatchStream(Iterator):
                 out[key] = _finish(loader.dataset, *batch, seed)
         else:
             out = self._next_from_workers()
-        self.wait_s += time.perf_counter() - start
+        waited = time.perf_counter() - start
+        self.wait_s += waited
+        self.total_wait_s += waited
         return out
 
     def _next_from_workers(self):
