@@ -115,7 +115,11 @@ _REAL_FIT = experiment.Trainer.fit
 
 
 class _Captured(experiment.Trainer):
-    """The trainer ``experiment.train`` builds, kept instead of trained; its final evaluation skipped."""
+    """The trainer ``experiment.train`` builds, kept instead of trained; its final evaluation skipped.
+
+    The strategy's global flags (TF32) are put back when ``experiment.train`` returns; the sections
+    set them for every block (``_tf32``).
+    """
 
     last: "_Captured | None" = None
 
@@ -123,7 +127,7 @@ class _Captured(experiment.Trainer):
         _Captured.last = self
         return {}
 
-    def _finish(self, wall_time):
+    def finish(self, wall_time):
         return {}
 
 
@@ -131,7 +135,8 @@ def supports(parameter: str) -> bool:
     return parameter in inspect.signature(experiment.train).parameters
 
 
-def build_auxframe(args, root: Path, weighting: str, workers: Any = None, precision: str | None = None):
+def build_auxframe(args, root: Path, weighting: str, workers: Any = None, precision: str | None = None,
+                   tf32: bool | None = None):
     """The recipe's trainer, built by ``experiment.train`` from the shipped gin files."""
     import gin
 
@@ -148,6 +153,8 @@ def build_auxframe(args, root: Path, weighting: str, workers: Any = None, precis
     precision = precision or args.precision
     if supports("precision"):
         b["train.precision"] = f"'{precision}'"
+    if supports("tf32"):
+        b["train.tf32"] = (args.tf32 == "on") if tf32 is None else tf32
     if args.setting == "s4l":
         b["datasets.cifar10.root"] = f"'{root}'"
     elif args.setting == "celeba":
@@ -482,9 +489,9 @@ def section_precision(args, root: Path, device: torch.device) -> None:
     if not supports("precision"):
         print("precision: this checkout has no train.precision (issue 12, item 2); skipped")
         return
-    trainers = {"fp32, TF32 off": build_auxframe(args, root, "equal", precision="fp32"),
-                "fp32, TF32 on": build_auxframe(args, root, "equal", precision="fp32"),
-                "bf16": build_auxframe(args, root, "equal", precision="bf16")}
+    trainers = {"fp32, TF32 off": build_auxframe(args, root, "equal", precision="fp32", tf32=False),
+                "fp32, TF32 on": build_auxframe(args, root, "equal", precision="fp32", tf32=True),
+                "bf16": build_auxframe(args, root, "equal", precision="bf16", tf32=True)}
     flags = {"fp32, TF32 off": _tf32(False), "fp32, TF32 on": _tf32(True), "bf16": _tf32(True)}
     times = interleaved({k: auxframe_block(t) for k, t in trainers.items()}, args, device, before=flags)
     report(times, args.batch * SETTINGS[args.setting]["images_per_batch"], reference="fp32, TF32 off")
