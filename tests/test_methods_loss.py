@@ -244,3 +244,15 @@ def test_forkmerge_needs_an_aux_set():
     model = nn.Linear(1, 1)
     with pytest.raises(ConfigError, match="auxiliary set"):
         ForkMerge().setup(WeightingSetup("m", ["a"], model, [], torch.device("cpu"), 10, 1, has_aux_set=False))
+
+
+# -- exact resume across outer steps (the generic resume test runs every method at its defaults) ------
+@pytest.mark.parametrize("method, bindings", [
+    ("auxinash", {"weightings.auxinash.outer_every": 2}),
+    ("forkmerge", {"weightings.forkmerge.merge_every": 2}),
+])
+def test_resume_is_exact_across_outer_steps(tmp_path, monkeypatch, method, bindings):
+    import test_reliability
+
+    monkeypatch.setitem(test_reliability.METHOD_BINDINGS, method, bindings)
+    test_reliability.test_every_weighting_resumes_exactly(tmp_path, method)
