@@ -62,7 +62,12 @@ METHODS: dict[str, Method] = {
                                   "rotation, parity, ge5"),
     **{key: Method(label, f"experiments/digits_{key}.gin", "rotation, parity, ge5") for key, label in [
         ("arml", "ARML"), ("uncertainty", "Uncertainty"), ("adaloss", "AdaLoss"), ("dwa", "DWA"),
-        ("gradnorm", "GradNorm"), ("gcs", "GCS"), ("ol_aux", "OL_AUX"), ("pcgrad", "PCGrad")]},
+        ("gradnorm", "GradNorm"), ("gcs", "GCS"), ("ol_aux", "OL_AUX"), ("pcgrad", "PCGrad"),
+        # issue 15 (auxframe/weighting/: auxinash, forkmerge, metabalance, auto_lambda, famo, rlw, jacobian_descent)
+        ("auxinash", "AuxiNash"), ("forkmerge", "ForkMerge"), ("metabalance", "MetaBalance"), ("auto_lambda", "Auto-λ"),
+        ("famo", "FAMO"), ("rlw", "RLW"), ("gradvac", "GradVac"), ("upgrad", "UPGrad"), ("mgda", "MGDA"),
+        ("cagrad", "CAGrad"), ("nash_mtl", "Nash-MTL"), ("imtl_g", "IMTL-G"), ("aligned_mtl", "Aligned-MTL"),
+        ("dualproj", "DualProj")]},
     # AuxiLearn with its Hessian-vector products on a random part of each training batch
     # (weightings.auxilearn.curvature_fraction): the speed/accuracy trade-off of that option.
     **{f"auxilearn_{net}_cf{pct}": Method(f"AuxiLearn ({net}, curvature on {pct}%)",
@@ -89,6 +94,9 @@ TUNING: dict[str, tuple[str, tuple[str, ...]]] = {
     "arml": ("weightings.arml.weight_lr", ("0.01", "0.05", "0.2")),
     "gradnorm": ("weightings.gradnorm.alpha", ("0.5", "1.5", "3.0")),
     "ol_aux": ("weightings.ol_aux.weight_lr", ("0.1", "1.0", "10.0")),
+    "auxinash": ("weightings.auxinash.meta_lr", ("5e-3", "5e-2", "5e-1")),
+    "auto_lambda": ("weightings.auto_lambda.meta_lr", ("1e-4", "1e-3", "1e-2")),
+    "forkmerge": ("weightings.forkmerge.merge_every", ("50", "100", "250")),
 }
 TUNED_FILE = "tuned.json"
 
