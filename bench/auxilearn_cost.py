@@ -666,21 +666,21 @@ def section_fraction(args, tr: Trainer, sync) -> dict:
     for r in rounds(args.time_limit, args.rounds):
         inner = timed(tr.inner_step, args.inner_steps, sync)
         for f in (FRACTIONS if r % 2 == 0 else FRACTIONS[::-1]):
-            w.curvature_fraction = f
+            w.reconfigure(curvature_fraction=f)
             ratio[f].append(timed(lambda: w.outer_step(tr.ctx), 1, sync) / inner)
         saved = _set_batchnorm_mode(tr.model, w.outer_bn_mode == "train")
         try:
             outer_loss = tr.ctx.aux_set_losses().mean(w.main_task)
             first, second = tr.ctx.train_losses(), tr.ctx.train_losses()
-            w.curvature_fraction = 1.0
+            w.reconfigure(curvature_fraction=1.0)
             whole = w.hypergradient(tr.ctx, first, outer_loss)[0].grads
             noise.append(_cosine(whole, w.hypergradient(tr.ctx, second, outer_loss)[0].grads))
             for f in agree:
-                w.curvature_fraction = f
+                w.reconfigure(curvature_fraction=f)
                 agree[f].append(_cosine(w.hypergradient(tr.ctx, first, outer_loss)[0].grads, whole))
         finally:
             _restore_batchnorm_mode(saved)
-            w.curvature_fraction = args.curvature_fraction
+            w.reconfigure(curvature_fraction=args.curvature_fraction)
     for f in FRACTIONS:
         line = f"  fraction {f:<5g} outer / inner {spread(ratio[f])}"
         if f < 1:

@@ -440,3 +440,18 @@ def test_the_execution_path_is_chosen_at_setup():
     assert setup(model(0.0), mixed="jacobian").mixed == "jacobian"
     with pytest.raises(ConfigError, match="mixed = 'forward' re-runs the model.*active dropout"):
         setup(model(0.3), mixed="forward")
+
+    # after setup the path's settings change only through reconfigure, which chooses again
+    w = AuxiLearn()
+    net = model(0.0)
+    w.setup(WeightingSetup("main", ["a"], net, net.shared_parameters(), torch.device("cpu"),
+                           total_steps=10, steps_per_epoch=1, has_aux_set=True))
+    with pytest.raises(ConfigError, match=r"curvature_fraction decides how outer steps run.*reconfigure"):
+        w.curvature_fraction = 0.5
+    assert not w.path.curvature_subset
+    w.reconfigure(curvature_fraction=0.5, mixed="vjp")
+    assert w.path.curvature_subset and w.path.mixed == "vjp" and w.curvature_fraction == 0.5
+    with pytest.raises(ConfigError, match=r"curvature_fraction must be a number in \(0, 1\]"):
+        w.reconfigure(curvature_fraction=2.0)
+    with pytest.raises(ConfigError, match="reconfigure takes"):
+        w.reconfigure(neumann_terms=5)

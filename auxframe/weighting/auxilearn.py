@@ -50,6 +50,8 @@ from auxframe.weighting.graphed import GraphedHypergradient
 _INNER = ("shared", "all")
 _BN_MODES = ("train", "eval")
 _MIXED = ("auto", "forward", "vjp", "jacobian")
+#: The settings that decide the outer step's execution path (:class:`OuterPath`), chosen at setup.
+PATH_SETTINGS = ("method", "curvature", "curvature_fraction", "mixed", "cuda_graph", "aux_batches")
 
 
 class AuxiLearn(Weighting):
@@ -146,19 +148,7 @@ class AuxiLearn(Weighting):
         self.alpha_setting, self.scale_by_alpha = alpha, scale_by_alpha
         self.grad_clip, self.inner_params = grad_clip, inner_params
         self.outer_bn_mode, self.alpha_refresh = outer_bn_mode, alpha_refresh
-        _check_choice("mixed", mixed, _MIXED)
-        if isinstance(curvature_fraction, bool) or not (
-            isinstance(curvature_fraction, (int, float)) and 0 < curvature_fraction <= 1
-        ):
-            raise ConfigError(
-                f"weightings.auxilearn.curvature_fraction must be a number in (0, 1] (the part of each "
-                f"training batch the Hessian-vector products use), got {curvature_fraction!r}."
-            )
-        if curvature_fraction < 1 and method in ("first_order",):
-            raise ConfigError(
-                "weightings.auxilearn.curvature_fraction < 1 has no effect with method='first_order' "
-                "(no curvature products); leave it at 1.0."
-            )
+        _check_path_settings(mixed=mixed, curvature_fraction=curvature_fraction, method=method)
         self.mixed, self.curvature_fraction = mixed, float(curvature_fraction)
         self.cuda_graph = bool(cuda_graph)
         self._graphed: GraphedHypergradient | None = None  # the captured hypergradient
@@ -192,6 +182,7 @@ class AuxiLearn(Weighting):
         self._logs: dict[str, float] = {}
         probe = (1, len(self.tasks), 1, 1) if getattr(self.auxnet, "dense_input", False) else (1, len(self.tasks))
         self._weights = self._effective_weights(torch.ones(probe, device=info.device))
+        self._info = info
         self.path = self._choose_path(info)
 
     # -- inner step ------------------------------------------------------------------------------
@@ -280,6 +271,34 @@ class AuxiLearn(Weighting):
             curvature_subset=self.curvature_fraction < 1,
             graphed=self.cuda_graph and blocker is None,
         )
+
+    def reconfigure(self, **settings: Any) -> None:
+        """Change settings that decide the execution path (``method``, ``curvature``,
+        ``curvature_fraction``, ``mixed``, ``cuda_graph``, ``aux_batches``) after setup, and choose
+        the path again (earlier narrowings are forgotten).
+
+        Raises:
+            ConfigError: an unknown or invalid setting.
+        """
+        unknown = set(settings) - set(PATH_SETTINGS)
+        if unknown:
+            raise ConfigError(f"AuxiLearn.reconfigure takes {', '.join(PATH_SETTINGS)}; got {sorted(unknown)}.")
+        merged = {k: getattr(self, k) for k in PATH_SETTINGS} | settings
+        _check_path_settings(mixed=merged["mixed"], curvature_fraction=merged["curvature_fraction"],
+                             method=merged["method"])
+        for name, value in settings.items():
+            object.__setattr__(self, name, value)
+        if getattr(self, "_info", None) is not None:
+            self._graphed = None
+            object.__setattr__(self, "path", self._choose_path(self._info))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in PATH_SETTINGS and getattr(self, "path", None) is not None:
+            raise ConfigError(
+                f"AuxiLearn.{name} decides how outer steps run, which setup chose; change it with "
+                f"reconfigure({name}=...), which chooses again."
+            )
+        super().__setattr__(name, value)
 
     def _narrow(self, message: str | None = None, **changes: Any) -> None:
         """Leave a part of the execution path for the rest of the run (saying why, when ``message``)."""
@@ -631,6 +650,22 @@ def _groups_of(losses: TaskLosses) -> list[tuple[str, ...]]:
 def _reduce():
     """Under torchrun, the hypergradient's reduction over ranks (the whole batch's hypergradient)."""
     return distributed.all_reduce_mean if distributed.is_distributed() else None
+
+
+def _check_path_settings(mixed: str, curvature_fraction: float, method: str) -> None:
+    _check_choice("mixed", mixed, _MIXED)
+    if isinstance(curvature_fraction, bool) or not (
+        isinstance(curvature_fraction, (int, float)) and 0 < curvature_fraction <= 1
+    ):
+        raise ConfigError(
+            f"weightings.auxilearn.curvature_fraction must be a number in (0, 1] (the part of each "
+            f"training batch the Hessian-vector products use), got {curvature_fraction!r}."
+        )
+    if curvature_fraction < 1 and method in ("first_order",):
+        raise ConfigError(
+            "weightings.auxilearn.curvature_fraction < 1 has no effect with method='first_order' "
+            "(no curvature products); leave it at 1.0."
+        )
 
 
 def _check_choice(name: str, value: str, options: tuple[str, ...]) -> None:
