@@ -23,6 +23,11 @@ UNDER = {GIN / "tasks/digits_dense.gin": [GIN / "quickstart.gin", GIN / "models/
 # The synthetic dataset and its task graph need each other (the task graph reads its label fields).
 UNDER[GIN / "datasets/synthetic.gin"] = [GIN / "quickstart.gin", GIN / "tasks/synthetic_planted.gin"]
 UNDER[GIN / "tasks/synthetic_planted.gin"] = [GIN / "quickstart.gin", GIN / "datasets/synthetic.gin"]
+# The minimum-data task graph reads the attributes of datasets.digits_attributes; the domain-adaptation
+# dataset and task graph need each other (the target part and the source parts).
+UNDER[GIN / "tasks/digits_min_data.gin"] = [GIN / "quickstart.gin", GIN / "datasets/digits_attributes.gin"]
+UNDER[GIN / "tasks/digits_domains.gin"] = [GIN / "quickstart.gin", GIN / "datasets/digits_domains.gin"]
+UNDER[GIN / "datasets/digits_domains.gin"] = [GIN / "quickstart.gin", GIN / "tasks/digits_domains.gin"]
 
 
 # Files that read a real data set train on fixtures of it in test_datasets.py instead.
