@@ -24,6 +24,14 @@ Two algorithms (``algorithm=``):
   rather than on one point; regular updates follow.
 * ``'simple'`` (the paper's Algorithm 2): no noise; weights and model are updated together.
 
+The schedule of the official code (``SSL/train.py`` of bfshi/ARML_Auxiliary_Task_Reweighting) is an
+option too: plain SGD at 0.05 on the weights, the first weight step at iteration 20 (1-based) and
+then every 20, and on those iterations the weights step *instead of* the model (the model is not
+stepped). ``weight_optimizer = @torch.optim.SGD``, ``first_update = 19`` (0-based steps) and
+``freeze_model_on_update = True`` reproduce it; ``weightings/arml_official.gin`` sets all three.
+auxframe's default keeps Adam and the simultaneous update (the model steps on every step, with the
+weights its objective was evaluated at).
+
 Example (gin)::
 
     train.weighting = @weightings.arml()
@@ -62,6 +70,12 @@ class ARML(Weighting):
             ``'fused'`` (d and the inner products from one backbone pass with a graph and one
             through it; see :meth:`TaskGradients.gradient_and_inner_products`).
         seed: seed of the Langevin noise.
+        first_update: the (0-based) step of the first weight update; later ones follow every
+            ``update_every`` steps. 0 (default) updates before the first step; the official code's
+            first update is at its iteration 20, i.e. ``first_update = 19``.
+        freeze_model_on_update: on a weight-update step, update only the weights: the model gets
+            no gradient and is not stepped (its optimizer skips parameters without ``.grad``), as
+            in the official code. Off by default (the model steps on every step).
     """
 
     def __init__(
@@ -75,6 +89,8 @@ class ARML(Weighting):
         space: str = "shared",
         jvp: str = "forward",
         seed: int = 0,
+        first_update: int = 0,
+        freeze_model_on_update: bool = False,
     ):
         if int(update_every) < 1:
             raise ConfigError(f"weightings.arml.update_every must be >= 1, got {update_every}.")
@@ -92,7 +108,11 @@ class ARML(Weighting):
             )
         if jvp not in (*JVP_MODES, "fused"):
             raise ConfigError(f"weightings.arml.jvp must be one of {(*JVP_MODES, 'fused')}, got {jvp!r}.")
+        if isinstance(first_update, bool) or not isinstance(first_update, int) or first_update < 0:
+            raise ConfigError(f"weightings.arml.first_update must be a step >= 0, got {first_update!r}.")
         self.update_every = int(update_every)
+        self.first_update = first_update
+        self.freeze_model_on_update = bool(freeze_model_on_update)
         self.weight_optimizer_factory = weight_optimizer or torch.optim.Adam
         self.weight_lr = float(weight_lr)
         self.algorithm, self.burn_in, self.noise_std = algorithm, int(burn_in), float(noise_std)
@@ -142,22 +162,30 @@ class ARML(Weighting):
                 total = total + w[i] * losses.mean(task)
         return total
 
+    def is_update_step(self, step: int) -> bool:
+        """Whether the weights take a step at (0-based) ``step``."""
+        return step >= self.first_update and (step - self.first_update) % self.update_every == 0
+
     def backward(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
         # The model's step uses the weights the objective was evaluated at (simultaneous update).
         total = self.combine(losses, ctx)
-        if ctx.step % self.update_every == 0:
+        if self.is_update_step(ctx.step):
             self._update_weights(losses, ctx)
+            if self.freeze_model_on_update:  # no .grad anywhere: the model's optimizer skips this step
+                return total.detach()
         ctx.backward(total) if ctx.backward is not None else total.backward()  # (the fp16 loss scale)
         return total.detach()
 
     def after_step(self, ctx: StepContext) -> bool:
-        if self.algorithm == "langevin" and ctx.step < self.burn_in:
+        update = self.is_update_step(ctx.step)
+        frozen = update and self.freeze_model_on_update  # the model did not move: no Langevin step either
+        if self.algorithm == "langevin" and ctx.step < self.burn_in and not frozen:
             with torch.no_grad():
                 for p in ctx.model.parameters():
                     if p.requires_grad:
                         noise = torch.randn(p.shape, generator=self.noise_rng, device=p.device, dtype=p.dtype)
                         p.add_(noise, alpha=self.noise_std)
-        return ctx.step % self.update_every == 0  # backward took a weight step: it gets its own log row
+        return update  # backward took a weight step: it gets its own log row
 
     def weights(self) -> dict[str, float]:
         w = self.w.detach().tolist()
