@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -12,6 +14,7 @@ from auxframe.weighting.arml import ARML
 from auxframe.weighting.base import StepContext, TaskLosses, WeightingSetup
 from auxframe.weighting.gradient_based import GCS, PCGrad, GradNorm, OLAux
 from auxframe.weighting.loss_based import DWA, AdaLoss, Uncertainty, dwa_weights
+from auxframe.weighting.gradients import last_shared_layer
 from test_gradients import TASKS, explicit_jacobian, make_step
 
 
@@ -101,12 +104,77 @@ def test_arml_langevin_noise_only_during_burn_in():
         assert moved == (step < 3)
 
 
+def test_arml_first_update_follows_the_official_schedule():
+    # SSL/train.py of the official code: `iteration += 1` (1-based), weight step iff iteration % 20 == 0.
+    arml = ARML(update_every=20, first_update=19)
+    official = [iteration % 20 == 0 for iteration in range(1, 201)]
+    assert [arml.is_update_step(step) for step in range(200)] == official
+    assert [s for s in range(50) if ARML(update_every=20).is_update_step(s)] == [0, 20, 40]  # the default
+    assert [s for s in range(20) if ARML(update_every=4, first_update=6).is_update_step(s)] == [6, 10, 14, 18]
+
+
+def test_arml_freeze_model_on_update_steps_only_the_weights_there():
+    problem = LinearTasks(["same", "noise"], seed=6)
+    arml = ARML(update_every=3, first_update=2, freeze_model_on_update=True,
+                weight_optimizer=torch.optim.SGD, weight_lr=0.01)
+    arml.setup(info(problem.model, ["same", "noise"]))
+    opt = torch.optim.SGD(problem.model.parameters(), lr=0.05)
+    weight = problem.model.backbone.weight
+    for step in range(9):
+        ctx = StepContext(step, problem.model, problem.model.shared_parameters(), train_losses=None)
+        before, w_before = weight.detach().clone(), arml.w.detach().clone()
+        opt.zero_grad(set_to_none=True)
+        losses = problem.losses()
+        expected = torch.autograd.grad(arml.combine(losses, ctx), weight, retain_graph=True)[0]
+        arml.backward(losses, ctx)
+        opt.step()
+        assert arml.after_step(ctx) == (step % 3 == 2)
+        if step % 3 == 2:  # a weight step and no model step: no gradient reached the model
+            assert weight.grad is None and torch.equal(weight, before)
+            assert not torch.equal(arml.w, w_before)
+        else:  # a model step on L_main + sum_k w_k L_k, with the weights unchanged
+            torch.testing.assert_close(weight.grad, expected)
+            assert not torch.equal(weight, before) and torch.equal(arml.w, w_before)
+
+
+def test_arml_official_recipe_takes_the_reference_sgd_step():
+    """One weight step of weightings/arml_official.gin against the official update on the same inputs:
+    SGD on ||g_main - sum_k w_k g_k||^2 (built by a double backward, as SSL/lib/task_weighter.py does),
+    then the shift `w + (K - sum w) / K` and the clamp at 0 (here the shift leaves no weight below 0,
+    so the exact projection auxframe uses gives the same point)."""
+    import gin
+
+    from auxframe import config
+    from helpers import GIN
+
+    config.parse([GIN / "weightings/arml_official.gin"], [])
+    arml = gin.get_configurable("weightings.arml")()
+    gin.clear_config()
+    assert (arml.update_every, arml.first_update, arml.freeze_model_on_update) == (20, 19, True)
+    model, losses, ctx = make_step(seed=13)
+    arml.setup(info(model, TASKS[1:]))
+    assert isinstance(arml.optimizer, torch.optim.SGD)
+    assert arml.optimizer.param_groups[0]["lr"] == 0.05 and arml.optimizer.param_groups[0]["momentum"] == 0.0
+    alpha = torch.ones(3, requires_grad=True)
+    gap = torch.autograd.grad(losses.mean("main") - sum(alpha[i] * losses.mean(t) for i, t in enumerate(TASKS[1:])),
+                              ctx.shared_parameters, create_graph=True, allow_unused=True)
+    (grad,) = torch.autograd.grad(sum((g ** 2).sum() for g in gap if g is not None), alpha, retain_graph=True)
+    stepped = alpha.detach() - 0.05 * grad
+    expected = (stepped + (3 - stepped.sum()) / 3).clamp(min=0)
+    assert expected.min() > 0  # (the case where shift-then-clamp and the exact projection agree)
+    ctx.step = 19
+    arml.backward(losses, ctx)
+    torch.testing.assert_close(arml.w.detach(), expected, rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())  # the model is not stepped on this iteration
+
+
 @pytest.mark.parametrize("kwargs, words", [
     ({"algorithm": "mcmc"}, "algorithm must be one of"),
     ({"burn_in": 10}, "belong to algorithm='langevin'"),
     ({"algorithm": "langevin"}, "needs burn_in > 0 and noise_std > 0"),
     ({"update_every": 0}, "update_every must be >= 1"),
     ({"space": "params"}, "space must be one of"),
+    ({"first_update": -1}, "first_update must be a step >= 0"),
 ])
 def test_arml_bad_settings_are_named(kwargs, words):
     with pytest.raises(ConfigError, match=words):
@@ -125,6 +193,34 @@ def test_gcs_drops_an_auxiliary_gradient_that_points_against_the_main_one():
     gcs.backward(losses, ctx)
     assert gcs.weights() == {"main": 1.0, "same": 1.0, "negated": 0.0}
     torch.testing.assert_close(problem.model.backbone.weight.grad.reshape(-1), jac[0] + jac[1])
+
+
+def test_gcs_reports_the_mean_of_its_per_step_coefficients():
+    problem = LinearTasks(["same", "negated", "other"], seed=7)
+    gcs = GCS()
+    gcs.setup(info(problem.model, problem.aux))
+    opt = torch.optim.SGD(problem.model.parameters(), lr=0.05)
+    masks = []
+    for step in range(12):
+        ctx = StepContext(step, problem.model, problem.model.shared_parameters(), None)
+        losses = problem.losses()
+        jac = explicit_jacobian_of(losses, ctx.shared_parameters, ["main", *problem.aux])
+        cos = (jac[1:] @ jac[0]) / (jac[1:].norm(dim=1) * jac[0].norm())
+        masks.append([1.0, *(cos >= 0).double().tolist()])
+        opt.zero_grad()
+        gcs.backward(losses, ctx)
+        opt.step()
+    expected = torch.tensor(masks, dtype=torch.float64).mean(0)
+    got = torch.tensor([gcs.weights()[t] for t in ["main", *problem.aux]], dtype=torch.float64)
+    torch.testing.assert_close(got, expected)
+    assert 0 < expected[1:].sum() < 3  # the run used some gradients and dropped others
+    logs = gcs.log_values()
+    assert logs["weight/same"] == pytest.approx(float(expected[1]))
+    assert logs["gcs/last/negated"] == masks[-1][2]
+    again = GCS()
+    again.setup(info(problem.model, problem.aux))
+    again.load_state_dict(gcs.state_dict())
+    assert again.weights() == gcs.weights()
 
 
 def explicit_jacobian_of(losses, params, tasks):
@@ -209,7 +305,82 @@ def test_ol_aux_raises_the_weight_of_an_aligned_task():
     assert w["same"] > 1.2 and w["same"] > w["other"], w
 
 
+def _ol_aux_run(ol, problem, steps):
+    """Train OL_AUX and return the mean <g_main, g_k> of each horizon, computed explicitly."""
+    ol.setup(info(problem.model, problem.aux))
+    opt = torch.optim.SGD(problem.model.parameters(), lr=0.05)
+    rows, means = [], []
+    for step in range(steps):
+        ctx = StepContext(step, problem.model, problem.model.shared_parameters(), None)
+        losses = problem.losses()
+        jac = explicit_jacobian_of(losses, ctx.shared_parameters, ["main", *problem.aux])
+        rows.append(jac[1:] @ jac[0])
+        opt.zero_grad()
+        ol.backward(losses, ctx)
+        opt.step()
+        if ol.after_step(ctx):
+            means.append(torch.stack(rows).mean(0))
+            rows = []
+    return means
+
+
+def test_ol_aux_max_weight_clips_the_paper_update():
+    problem = LinearTasks(["same", "other"], seed=5)
+    ol = OLAux(horizon=5, weight_lr=0.5, max_weight=1.3)
+    means = _ol_aux_run(ol, problem, 20)
+    w = torch.ones(2)
+    for m in means:  # w <- clip(w + lr * mean <g_main, g_k>, 0, max_weight)
+        w = (w + 0.5 * m).clamp(0.0, 1.3)
+    torch.testing.assert_close(ol.w[1:], w, rtol=1e-5, atol=1e-6)
+    assert float(ol.w[1]) == pytest.approx(1.3) and ol.weights()["main"] == 1.0  # 'same' hit the bound
+
+
+def test_ol_aux_normalize_keeps_the_weights_on_the_simplex():
+    problem = LinearTasks(["same", "other"], seed=5)
+    ol = OLAux(horizon=5, weight_lr=0.5, normalize=True)
+    means = _ol_aux_run(ol, problem, 20)
+    w = torch.ones(2)
+    for m in means:  # Euclidean projection onto {w >= 0, w_1 + w_2 = 2}, by hand for two weights
+        v = w + 0.5 * m
+        w = (v - (v.sum() - 2.0) / 2).clamp(0.0, 2.0)  # (one below 0 means the other above 2)
+    torch.testing.assert_close(ol.w[1:], w, rtol=1e-5, atol=1e-6)
+    assert float(ol.w[1:].sum()) == pytest.approx(2.0) and float(ol.w[1]) > float(ol.w[2])
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"max_weight": 0.0}, "max_weight must be a positive number"),
+    ({"normalize": True, "max_weight": 2.0}, "drop max_weight"),
+])
+def test_ol_aux_bad_bounds_are_named(kwargs, words):
+    with pytest.raises(ConfigError, match=words):
+        OLAux(**kwargs)
+
+
+def test_gradnorm_anchor_main_divides_by_the_main_weight():
+    model, losses, ctx = make_step(seed=14)
+    gn = GradNorm(alpha=1.5, weight_optimizer=torch.optim.SGD, weight_lr=0.3, space="last_shared", anchor_main=True)
+    gn.setup(info(model, TASKS[1:]))
+    last = last_shared_layer(model.backbone)
+    norms = explicit_jacobian(losses, last).norm(dim=1)
+    # The first step: L_t / L_t(0) = 1 for every task, so the target is mean_t(w_t ||g_t||) = mean(norms).
+    grad = torch.sign(norms - norms.mean()) * norms
+    stepped = (torch.ones(4) - 0.3 * grad).clamp(min=0)
+    gn.backward(losses, ctx)
+    torch.testing.assert_close(gn.w.detach(), stepped / stepped[0], rtol=1e-5, atol=1e-6)
+    assert gn.weights()["main"] == pytest.approx(1.0)
+
+
 # -- loss-based baselines ------------------------------------------------------------------------
+def fit_on_fixed_losses(un, ctx, values):
+    """300 SGD steps of Uncertainty's log-variances on constant task losses ``values``."""
+    fixed = TaskLosses({t: torch.full((3,), v) for t, v in zip(TASKS, values)}, "main", TASKS[1:])
+    opt = torch.optim.SGD([un.log_var], lr=0.5)
+    for _ in range(300):
+        opt.zero_grad()
+        un.combine(fixed, ctx).backward()
+        opt.step()
+
+
 def test_uncertainty_loss_and_its_minimiser():
     model, losses, ctx = make_step(seed=10)
     un = Uncertainty()
@@ -221,12 +392,7 @@ def test_uncertainty_loss_and_its_minimiser():
     expected = (0.5 * torch.exp(-s) * means + 0.5 * s).sum()
     assert float(un.combine(losses, ctx)) == pytest.approx(float(expected), rel=1e-6)
     # On fixed losses L_t the minimiser is s_t = log L_t, i.e. weight 1 / (2 L_t).
-    fixed = TaskLosses({t: torch.full((3,), v) for t, v in zip(TASKS, [0.5, 2.0, 4.0, 1.0])}, "main", TASKS[1:])
-    opt = torch.optim.SGD([un.log_var], lr=0.5)
-    for _ in range(300):
-        opt.zero_grad()
-        un.combine(fixed, ctx).backward()
-        opt.step()
+    fit_on_fixed_losses(un, ctx, [0.5, 2.0, 4.0, 1.0])
     torch.testing.assert_close(un.log_var.detach(), torch.log(torch.tensor([0.5, 2.0, 4.0, 1.0])), atol=1e-3, rtol=0)
 
 
@@ -240,6 +406,46 @@ def test_adaloss_weights_are_inverse_running_losses_summing_to_t():
         ada.backward(step, ctx)
     avg = torch.tensor([2.0, 2.0, 4.0, 8.0])  # 0.5 * first + 0.5 * second
     torch.testing.assert_close(ada.current(), 4 * (1 / avg) / (1 / avg).sum())
+
+
+def test_uncertainty_anchor_main_learns_only_the_auxiliary_variances():
+    model, losses, ctx = make_step(seed=10)
+    un = Uncertainty(anchor_main=True)
+    un.setup(info(model, TASKS[1:]))
+    with torch.no_grad():
+        un.log_var.copy_(torch.tensor([3.0, 1.0, -1.0, 0.5]))  # s_main is not used
+    means = torch.stack([losses.mean(t) for t in TASKS]).detach()
+    s = un.log_var.detach()[1:]
+    expected = means[0] + (0.5 * torch.exp(-s) * means[1:] + 0.5 * s).sum()
+    assert float(un.combine(losses, ctx)) == pytest.approx(float(expected), rel=1e-6)
+    assert un.weights()["main"] == 1.0
+    fit_on_fixed_losses(un, ctx, [0.5, 2.0, 4.0, 1.0])
+    # The auxiliary minimisers s_k = log L_k (weight 1 / (2 L_k)); the main task's entry never moves.
+    torch.testing.assert_close(un.log_var.detach(), torch.log(torch.tensor([math.e ** 3, 2.0, 4.0, 1.0])), atol=1e-3, rtol=0)
+
+
+def test_adaloss_anchor_main_weights_are_relative_to_the_main_loss():
+    model, losses, ctx = make_step(seed=11)
+    ada = AdaLoss(beta=0.5, anchor_main=True)
+    ada.setup(info(model, TASKS[1:]))
+    for values in [[1.0, 2.0, 4.0, 8.0], [3.0, 2.0, 4.0, 8.0]]:
+        step = TaskLosses({t: torch.full((2,), v, requires_grad=True) for t, v in zip(TASKS, values)}, "main", TASKS[1:])
+        ada.backward(step, ctx)
+    torch.testing.assert_close(ada.current(), torch.tensor([1.0, 1.0, 0.5, 0.25]))  # m_main / m_t, m = [2, 2, 4, 8]
+
+
+def test_dwa_anchor_main_matches_its_formula():
+    last, before = torch.tensor([2.0, 2.0, 0.5, 2.0]), torch.tensor([4.0, 2.0, 1.0, 1.0])
+    r = last / before
+    torch.testing.assert_close(dwa_weights(last, before, 2.0, anchor_main=True), torch.exp((r - r[0]) / 2))
+    dwa = DWA(temperature=2.0, epoch_steps=1, anchor_main=True)
+    model, _, ctx = make_step(seed=12)
+    dwa.setup(info(model, TASKS[1:]))
+    for values in (before.tolist(), last.tolist()):
+        dwa.backward(TaskLosses({t: torch.full((2,), v, requires_grad=True) for t, v in zip(TASKS, values)},
+                                "main", TASKS[1:]), ctx)
+        dwa.after_step(ctx)
+    torch.testing.assert_close(dwa.current(), torch.exp((r - r[0]) / 2))
 
 
 def test_dwa_matches_its_formula_per_epoch():

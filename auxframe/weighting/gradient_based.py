@@ -14,7 +14,7 @@ import torch
 
 from auxframe.errors import ConfigError
 from auxframe.weighting.base import StepContext, TaskLosses, WeightingSetup
-from auxframe.weighting.gradients import check_space
+from auxframe.weighting.gradients import check_space, project_to_simplex
 from auxframe.weighting.gramian import GramianWeighting
 
 _EPS = 1e-12
@@ -43,11 +43,17 @@ class GradNorm(_Coefficients):
     each step of their optimizer the weights are clamped at 0 and renormalised to sum to T, the
     number of tasks. The model trains on ``sum_t w_t L_t``.
 
+    With ``anchor_main=True`` they are divided by the main task's weight instead, so the main task
+    keeps weight 1 and the auxiliary weights are relative to it (GradNorm's loss fixes the weights
+    only up to a common scale, which the paper pins by their sum; pinning the main one instead keeps
+    the main task's step size what it is alone, which is what an auxiliary-learning user wants).
+
     Args:
         alpha: the asymmetry (restoring force) hyperparameter; 1.5 in the paper's NYUv2 runs.
         weight_optimizer: optimizer factory for the weights (default: Adam).
         weight_lr: its learning rate (0.025 in the paper).
         space: ``'last_shared'`` (the paper), ``'shared'`` or ``'representation'``.
+        anchor_main: keep the main task's weight at 1 (divide by it) instead of the sum at T.
     """
 
     def __init__(
@@ -56,8 +62,9 @@ class GradNorm(_Coefficients):
         weight_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         weight_lr: float = 0.025,
         space: str = "last_shared",
+        anchor_main: bool = False,
     ):
-        self.alpha, self.weight_lr = float(alpha), float(weight_lr)
+        self.alpha, self.weight_lr, self.anchor_main = float(alpha), float(weight_lr), bool(anchor_main)
         self.weight_optimizer_factory = weight_optimizer or torch.optim.Adam
         self.space = check_space(space, "weightings.gradnorm")
 
@@ -93,8 +100,8 @@ class GradNorm(_Coefficients):
         self.optimizer.step()
         with torch.no_grad():
             self.w.clamp_(min=0)
-            s = float(self.w.sum())
-            self.w.mul_(len(self.names) / s) if s > 0 else self.w.fill_(1.0)
+            scale = float(self.w[0]) if self.anchor_main else float(self.w.sum()) / len(self.names)
+            self.w.div_(scale) if scale > 0 else self.w.fill_(1.0)
         return total.detach()
 
     def log_values(self) -> dict[str, float]:
@@ -123,6 +130,11 @@ class GCS(_Coefficients):
 
     Each auxiliary head still trains on its own loss (weight 1): only the shared update changes.
 
+    The coefficients are decided anew at every step, so one step's 0/1 mask says little about the
+    run. :meth:`weights` (the logged ``weight/<task>`` and ``weights`` in ``metrics.json``) is their
+    mean over the steps so far: with ``mode='hard'``, the fraction of steps in which each
+    auxiliary gradient was used; ``gcs/last/<task>`` logs the last step's coefficient.
+
     Args:
         mode: ``'hard'`` (drop) or ``'soft'`` (scale by the cosine).
         space: ``'shared'`` (the paper), ``'last_shared'`` or ``'representation'``.
@@ -142,6 +154,38 @@ class GCS(_Coefficients):
         return torch.cat([torch.ones_like(c[:1]), c])
 
     from_gramian = coefficients
+
+    def setup(self, info: WeightingSetup) -> None:
+        super().setup(info)
+        self.coefficient_sum = torch.zeros(len(self.names), device=info.device, dtype=torch.float64)
+        self.steps = 0
+
+    def backward(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
+        total = super().backward(losses, ctx)
+        self.coefficient_sum += self.w.detach().to(self.coefficient_sum)
+        self.steps += 1
+        return total
+
+    def mean_coefficients(self) -> torch.Tensor:
+        """The mean over the steps so far of each task's coefficient (1 before the first step)."""
+        if self.steps == 0:
+            return torch.ones_like(self.coefficient_sum)
+        return self.coefficient_sum / self.steps
+
+    def weights(self) -> dict[str, float]:
+        return dict(zip(self.names, self.mean_coefficients().tolist()))
+
+    def log_values(self) -> dict[str, float]:
+        last = {f"gcs/last/{t}": float(c) for t, c in zip(self.names[1:], self.w[1:].tolist())}
+        return {**super().log_values(), **last}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "coefficient_sum": self.coefficient_sum.clone(), "steps": self.steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.coefficient_sum = state["coefficient_sum"].to(self.coefficient_sum).clone()
+        self.steps = int(state["steps"])
 
 
 class PCGrad(_Coefficients):
@@ -208,6 +252,15 @@ class OLAux(_Coefficients):
         w_k <- w_k + weight_lr * mean over the horizon of <g_main, g_k>
 
     clamped at 0 unless ``nonnegative=False``. The model trains on ``L_main + sum_k w_k L_k``.
+
+    That is all the paper and the authors' code do to the weights: their update is
+    ``clip(w + beta * mean <g_aux, g_main>, 0, None)`` (``olaux/ddpg.py`` and
+    ``baselines/common/mpi_aux_update.py`` of the OL-AUX code), a lower bound and no upper one, so
+    a task whose gradient keeps agreeing with the main one grows without limit (weights 10-12
+    after 1,500 steps on digits). Two options bound them: ``max_weight`` clips each weight into
+    ``[0, max_weight]``, and ``normalize=True`` projects the auxiliary weights after each update
+    onto ``{w >= 0, sum_k w_k = K}`` (ARML's set: the weights then only redistribute a fixed
+    budget, starting from 1 each). Neither is in the paper; both are off by default.
     The inner products are one row of the Gramian (:meth:`TaskGradients.gramian_row`): ``g_main``
     by one backbone pass, the tasks on a batch by one forward-mode pass along it, whatever their
     number; a task alone on its batch (a self-supervised task) by the backward its update needs
@@ -218,12 +271,23 @@ class OLAux(_Coefficients):
         weight_lr: step size of the weight update (the paper's beta times the model's eta).
         nonnegative: keep weights >= 0 (a negative weight would ascend an auxiliary loss).
         space: ``'shared'`` (the paper), ``'last_shared'`` or ``'representation'``.
+        max_weight: clip each auxiliary weight to at most this (None: no upper bound, the paper).
+        normalize: after each update, project the auxiliary weights onto ``{w >= 0, sum = K}``.
     """
 
-    def __init__(self, horizon: int = 5, weight_lr: float = 1.0, nonnegative: bool = True, space: str = "shared"):
+    def __init__(self, horizon: int = 5, weight_lr: float = 1.0, nonnegative: bool = True, space: str = "shared",
+                 max_weight: float | None = None, normalize: bool = False):
         if int(horizon) < 1:
             raise ConfigError(f"weightings.ol_aux.horizon must be >= 1, got {horizon}.")
+        if max_weight is not None and not (isinstance(max_weight, (int, float)) and max_weight > 0):
+            raise ConfigError(f"weightings.ol_aux.max_weight must be a positive number or None, got {max_weight!r}.")
+        if normalize and (max_weight is not None or not nonnegative):
+            raise ConfigError(
+                "weightings.ol_aux.normalize = True keeps the weights on {w >= 0, sum = K} by itself; drop "
+                "max_weight and leave nonnegative = True."
+            )
         self.horizon, self.weight_lr, self.nonnegative = int(horizon), float(weight_lr), bool(nonnegative)
+        self.max_weight, self.normalize = (None if max_weight is None else float(max_weight)), bool(normalize)
         self.space = check_space(space, "weightings.ol_aux")
 
     def setup(self, info: WeightingSetup) -> None:
@@ -246,7 +310,11 @@ class OLAux(_Coefficients):
         if self.count < self.horizon:
             return False
         new = self.w[1:] + self.weight_lr * self.acc / self.count
-        self.w = torch.cat([self.w[:1], new.clamp_min(0) if self.nonnegative else new])
+        if self.normalize:
+            new = project_to_simplex(new, float(len(self.aux_tasks)))
+        elif self.nonnegative or self.max_weight is not None:
+            new = new.clamp(min=0.0 if self.nonnegative else None, max=self.max_weight)
+        self.w = torch.cat([self.w[:1], new])
         self.acc.zero_()
         self.count = 0
         return True
