@@ -87,11 +87,21 @@ def test_forward_mode_leaves_batchnorm_statistics_alone():
 def test_last_shared_layer_space_is_the_last_layer(batched):
     model, losses, ctx = make_step(seed=3)
     last = last_shared_layer(model.backbone)
+    # The small CNN ends conv -> BatchNorm -> ReLU -> pool: the last weight layer is the conv, not the norm.
+    convs = [m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)]
+    assert [p for p in last] == [p for p in convs[-1].parameters()] and last[0].dim() == 4
     assert last and all(any(p is q for q in ctx.shared_parameters) for p in last)
     assert len(last) < len(ctx.shared_parameters)
     jac = explicit_jacobian(losses, last)
     engine = TaskGradients(losses, ctx, space="last_shared", batched=batched)
     torch.testing.assert_close(engine.gramian(TASKS), jac @ jac.T, rtol=1e-5, atol=1e-6)
+
+
+def test_last_shared_layer_skips_every_normalisation_layer():
+    mlp = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3), nn.GroupNorm(1, 3), nn.BatchNorm1d(3))
+    assert [tuple(p.shape) for p in last_shared_layer(mlp)] == [(3, 5), (3,)]  # the second Linear
+    only_norms = nn.Sequential(nn.BatchNorm1d(3), nn.LayerNorm(3))
+    assert last_shared_layer(only_norms) == list(only_norms[1].parameters())
 
 
 def test_representation_space_is_the_gradient_wrt_the_features():

@@ -10,7 +10,8 @@ one step) pays once, and a method that asks for nothing pays nothing.
 Spaces (``space=``):
 
 * ``'shared'`` - all trainable backbone parameters (the default; what the papers use).
-* ``'last_shared'`` - only the backbone's last layer with parameters (GradNorm's choice; cheap).
+* ``'last_shared'`` - only the backbone's last weight layer, normalisation layers skipped
+  (GradNorm's choice; cheap; see :func:`last_shared_layer`).
 * ``'representation'`` - the backbone's output ``z``: ``g_k = dL_k/dz`` summed over the batch.
   One backward pass through the heads only gives every task's ``g_k`` at once (each head reads
   its own view of ``z``; see :class:`auxframe.models.multitask.MultiTaskModel`). All tasks must
@@ -100,20 +101,35 @@ def check_space(space: str, method: str) -> str:
     return space
 
 
-def last_shared_layer(backbone: nn.Module) -> list[nn.Parameter]:
-    """Trainable parameters of the backbone's last module that owns parameters directly.
+#: Normalisation layers: their scale and shift are not "the last shared layer of weights".
+NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*  # noqa: SLF001
+    nn.LayerNorm, nn.GroupNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
 
+
+def last_shared_layer(backbone: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters of the backbone's last weight layer (the last module that owns
+    parameters directly and is not a normalisation layer).
+
+    GradNorm's ``W`` is "the last shared layer of weights" (Chen et al. 2018): the last convolution
+    or linear layer. A backbone that ends in BatchNorm (a WRN, the small CNN) would otherwise give
+    the norm's scale and shift, whose gradients say little about how each task pulls the features.
+    A backbone made only of normalisation layers falls back to its last one.
     "Last" is in registration order, which is execution order for the sequential backbones
     shipped with auxframe (and for torchvision's ResNets).
     """
     last: list[nn.Parameter] = []
+    last_norm: list[nn.Parameter] = []
     for module in backbone.modules():
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if own:
+        if own and isinstance(module, NORM_LAYERS):
+            last_norm = own
+        elif own:
             last = own
-    if not last:
+    if not (last or last_norm):
         raise ConfigError(f"the backbone {type(backbone).__name__} has no trainable parameters")
-    return last
+    return last or last_norm
 
 
 
