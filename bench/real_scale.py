@@ -27,6 +27,10 @@ Sections (``--sections``):
   the share of each side's step time spent waiting for data (goal on a GPU: <= 10%).
 * ``workers``: auxframe (Equal) with each number of DataLoader workers in ``--workers-list``,
   interleaved: images/s and data-wait share (also ``--setting quickstart``: the digits quickstart).
+* ``data`` (S4L): the data side of a step alone (its batches made, copied and augmented, the signals
+  applied), with the recipe's augmentation batched on the training device and image by image
+  through albumentations (``Transforms.batched = False``), interleaved (the data wait of the
+  throughput section is what of it the workers do not hide).
 * ``precision`` (GPU): auxframe (Equal) in fp32 with TF32 off, fp32 with TF32 on and bf16,
   interleaved: images/s over fp32 without TF32 (goal for bf16: >= 1.7).
 * ``memory`` (GPU): the peak GPU memory of a few steps with each weighting (those of
@@ -136,7 +140,7 @@ def supports(parameter: str) -> bool:
 
 
 def build_auxframe(args, root: Path, weighting: str, workers: Any = None, precision: str | None = None,
-                   tf32: bool | None = None):
+                   tf32: bool | None = None, extra: tuple[str, ...] | list[str] = ()):
     """The recipe's trainer, built by ``experiment.train`` from the shipped gin files."""
     import gin
 
@@ -161,7 +165,7 @@ def build_auxframe(args, root: Path, weighting: str, workers: Any = None, precis
         b.update({"datasets.celeba.root": f"'{root}'", "LowDataSplit.val_per_class": 16,
                   "LowDataSplit.labels_fraction": None, "LowDataSplit.aux_fraction": 0.05})
     gin.clear_config()
-    config.parse(files, [f"{k} = {v}" for k, v in b.items()] + list(args.param))
+    config.parse(files, [f"{k} = {v}" for k, v in b.items()] + list(args.param) + list(extra))
     original, experiment.Trainer = experiment.Trainer, _Captured
     try:
         experiment.train(run_dir=None)
@@ -475,6 +479,30 @@ def section_workers(args, root: Path, device: torch.device) -> None:
         t.close_data()
 
 
+def section_data(args, root: Path, device: torch.device) -> None:
+    """The data side of a step alone: the step's batches made, copied and augmented, signals applied."""
+    if args.setting != "s4l":
+        print("data: the S4L setting compares batched and per-image augmentation (skipped)")
+        return
+    trainers = {"batched, on the device": build_auxframe(args, root, "equal"),
+                "per image (albumentations)": build_auxframe(args, root, "equal",
+                                                             extra=["cifar10/Transforms.batched = False"])}
+    assert trainers["batched, on the device"].dataset.batched is not None
+    assert trainers["per image (albumentations)"].dataset.batched is None
+
+    def draws(trainer):
+        def run(n: int) -> float:
+            for _ in range(n):
+                trainer._next_train_batch()
+            return 0.0
+        return run
+
+    times = interleaved({k: draws(t) for k, t in trainers.items()}, args, device)
+    report(times, args.batch * SETTINGS[args.setting]["images_per_batch"], reference="per image (albumentations)")
+    for t in trainers.values():
+        t.close_data()
+
+
 def _tf32(on: bool) -> Callable[[], None]:
     def set_flags():
         torch.backends.cuda.matmul.allow_tf32 = on
@@ -532,7 +560,7 @@ def section_memory(args, root: Path, device: torch.device) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=sorted(SETTINGS), default="s4l")
-    p.add_argument("--sections", default="throughput", help="throughput,workers,precision,memory")
+    p.add_argument("--sections", default="throughput", help="throughput,data,workers,precision,memory")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="train.precision of both sides (needs train.precision in this checkout unless fp32)")
@@ -574,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     for section in args.sections.split(","):
         print(f"\n== {section} ==", flush=True)
         {"throughput": section_throughput, "workers": section_workers, "precision": section_precision,
-         "memory": section_memory}[section](args, root, device)
+         "memory": section_memory, "data": section_data}[section](args, root, device)
     return 0
 
 

@@ -87,3 +87,34 @@ def test_auxilearn_outer_steps_replayed_from_a_cuda_graph_equal_eager_ones(tmp_p
     for task, w in results[False]["weights"].items():
         assert results[True]["weights"][task] == pytest.approx(w, rel=1e-3, abs=1e-4), task
     assert results[True]["test"] == pytest.approx(results[False]["test"], abs=0.02)
+
+
+# -- the data path on the GPU ---------------------------------------------------------------------
+def test_batches_arrive_on_the_gpu_augmented_there_from_pinned_memory(tmp_path):
+    import albumentations as A
+    import numpy as np
+
+    import fixtures_data as fx
+    from auxframe.data.loader import BatchStream, EvalBatches, PoolLoader
+    from auxframe.data.signals import Exemplar
+    from auxframe.data.torchvision_sets import cifar10
+    from auxframe.data.transforms import Transforms
+
+    fx.make_cifar10(tmp_path, train_per_class=8)
+    ds = cifar10(str(tmp_path), transforms=Transforms(augment=[A.PadIfNeeded(36, 36, border_mode=4), A.RandomCrop(32, 32),
+                                                               A.HorizontalFlip(), A.GaussNoise(std_range=(0.1, 0.1))]))
+    cuda = torch.device("cuda")
+    stream = BatchStream({"x": PoolLoader(ds, np.arange(80), 16, seed=0)}, cuda, num_workers=2)
+    assert stream.pin_memory
+    images, labels = next(stream)["x"]
+    assert images.device.type == "cuda" and labels["label"].device.type == "cuda" and images.shape == (16, 3, 32, 32)
+    again = BatchStream({"x": PoolLoader(ds, np.arange(80), 16, seed=0)}, cuda)  # inline: the same CUDA draws
+    assert torch.equal(next(again)["x"][0], images)
+    stream.close()
+    evaluation = list(EvalBatches(ds, cuda, num_workers=1)(np.arange(40), 16))
+    cpu = [ds.get_batch(torch.arange(i, min(i + 16, 40))) for i in range(0, 40, 16)]
+    for (x, _), (xc, _) in zip(evaluation, cpu):  # evaluation's finishing (normalising) on the GPU
+        assert x.device.type == "cuda"
+        torch.testing.assert_close(x.cpu(), xc, rtol=0, atol=1e-6)
+    views, ids = Exemplar(n_views=4)(images, torch.Generator(device=cuda).manual_seed(0))
+    assert views.device.type == "cuda" and views.shape == (64, 3, 32, 32) and ids.device.type == "cuda"
