@@ -57,4 +57,18 @@ wait $TESTS
   timeout 200 python3 bench/auxilearn_cost.py --device cuda --sections "$BENCH_AUXILEARN" --time-limit 25
   timeout 60 python3 bench/hypergrad_methods.py --rounds 5 --calls 10
 } > "$OUT/bench.txt" 2>&1
+
+# 4. The data path at real size (bench/real_scale.py; needs albumentations' wheels in .whl/:
+#    albumentations==2.0.8 albucore==0.0.24 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
+#    typing-inspection==0.4.5 simsimd==6.5.16 stringzilla==5.3.2). Fixtures are written to /tmp first
+#    (CIFAR-10's pickles, 4,096 CelebA JPEGs: about 30 s). Goals: auxframe / hand-written <= 1.05, data
+#    wait <= 10% of the step, bf16 >= 1.7x fp32 without TF32 (S4L); peak memory per weighting at K = 39.
+if [ "${REAL_SCALE:-1}" = 1 ]; then
+  {
+    timeout 240 python3 bench/real_scale.py --setting s4l --device cuda --sections throughput,precision \
+        --rounds 3 --cache /tmp/auxframe-bench
+    timeout 240 python3 bench/real_scale.py --setting celeba --device cuda --sections throughput,memory,workers \
+        --rounds 3 --workers-list 2,4,8,15 --cache /tmp/auxframe-bench
+  } > "$OUT/real_scale.txt" 2>&1
+fi
 echo done
