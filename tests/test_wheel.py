@@ -37,13 +37,16 @@ def _setuptools_can_build() -> bool:
 
 
 def _dependency_folders() -> list[str]:
-    """The running interpreter's site folders (where torch, gin, ... are), none inside the repository."""
+    """The running interpreter's site folders (where torch, gin, ... are): none of the repository's
+    own folders, but the site-packages of a venv inside it (CI's .venv), where auxframe is only an
+    editable install whose .pth is not run."""
     folders = [*site.getsitepackages(), sysconfig.get_paths()["purelib"],
                *(p for p in sys.path if p.endswith(("site-packages", "dist-packages")))]
     out = []
     for f in folders:
         path = Path(f).resolve()
-        if path.is_dir() and REPO not in (path, *path.parents) and str(path) not in out:
+        outside = REPO not in (path, *path.parents)
+        if path.is_dir() and (outside or REPO / ".venv" in path.parents) and str(path) not in out:
             out.append(str(path))
     return out
 
