@@ -32,7 +32,7 @@ from auxframe.data.loader import default_num_workers
 from auxframe.data.splits import LowDataSplit
 from auxframe.errors import ConfigError, TaskGraphError
 from auxframe.labelgen import build_generated_labels
-from auxframe.loggers import ScalarLog, WandbLogger, gin_bindings
+from auxframe.loggers import ScalarLog, WandbLogger, gin_bindings, run_tags
 from auxframe.models.multitask import MultiTaskModel
 from auxframe.registry import registry
 from auxframe.tasks import Task, TaskGraph, batch_groups
@@ -41,11 +41,12 @@ from auxframe.trainer import ResolvedTask, Schedule, Trainer, check_same_graph
 from auxframe.weighting.base import Weighting, WeightingSetup
 
 
-@gin.configurable(denylist=["run_dir", "resume", "dry_run"])
+@gin.configurable(denylist=["run_dir", "resume", "dry_run", "job_type"])
 def train(
     run_dir: str | Path | None = None,
     resume: bool = False,
     dry_run: bool = False,
+    job_type: str = "train",
     *,
     dataset: Any = None,
     tasks: TaskGraph | None = None,
@@ -86,6 +87,7 @@ def train(
         dry_run: check ``run_dir`` (if given), build and validate everything (the dry forward
             included), then return what was built (:func:`dry_run_summary`) without training or
             writing anything.
+        job_type: what started the run, for W&B: ``'train'``, ``'sweep'`` or ``'probe'``.
         dataset: the dataset, e.g. ``@datasets.digits()``.
         tasks: the task graph, ``@TaskGraph()``.
         backbone: backbone factory, e.g. ``@backbones.small_cnn`` (called with ``input_shape``).
@@ -187,9 +189,11 @@ def train(
 
         wandb_logger = wandb or WandbLogger()
         if run is not None:
-            run.create()
+            run.create(device_, strategy.world_size)
             loggers.append(ScalarLog(run.path))
-            wandb_id = wandb_logger.start(run.path, run.path.name, gin_bindings(gin.operative_config_str()), run.wandb_id())
+            wandb_id = wandb_logger.start(run.path, run.path.name, gin_bindings(gin.operative_config_str()), run.wandb_id(),
+                                          group=run.group, job_type=job_type,
+                                          tags=run_tags(gin.config_str(), tasks.main.name, [t.name for t in tasks.aux]))
             run.record_wandb_id(wandb_id)
             loggers.append(wandb_logger)
         trainer = Trainer(

@@ -39,14 +39,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from auxframe.errors import ConfigError, RunDirError
+from auxframe.rundir import configuration
 from auxframe.stats import Interval, Paired, mean_ci, paired
 from auxframe.sweep import SEED_KEY, SEED_KEYS, SPLIT_SEED_KEY, SWEEP_FILE, _short_labels
 
 #: Metrics a report can tabulate; any other name is looked up in ``metrics.json``'s ``metrics``
 #: (e.g. ``test/parity/accuracy``).
 METRICS = ("best_test", "test", "best_val", "val")
-#: Config keys that do not change a run's results (left out of its configuration).
-_NOT_CONFIG = ("train.progress", "train.wandb", "WandbLogger.")
 _MAX_DEPTH = 4
 
 
@@ -194,8 +193,7 @@ def _collect_sweep(path: Path, method: str) -> list[RunRecord]:
 def _record(run_dir: Path, method: str, setting: tuple, sweep: tuple[dict, Path] | None) -> RunRecord:
     bindings = config_bindings((run_dir / "config.gin").read_text())
     seed = tuple((k, bindings.get(k, "default")) for k in SEED_KEYS)
-    config = tuple(sorted((k, v) for k, v in bindings.items()
-                          if k not in SEED_KEYS and not k.startswith(_NOT_CONFIG) and not k.startswith("%")))
+    config = configuration(bindings)
     metrics_file = run_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
     record = RunRecord(run_dir, method, setting, seed, config, metrics, from_sweep=sweep is not None)

@@ -4,21 +4,35 @@ Layout::
 
     <run_dir>/config.gin            the parsed gin config (compared on --resume)
     <run_dir>/operative_config.gin  what the run actually used (gin.operative_config_str)
-    <run_dir>/run.json              auxframe version, start time, W&B run id
+    <run_dir>/run.json              provenance (command line, git commit, versions, host, device),
+                                    the configuration's group name, start time, W&B run id
     <run_dir>/scalars.jsonl         every logged scalar, one JSON object per line
     <run_dir>/metrics.json          final validation and test metrics
     <run_dir>/checkpoints/          step_<N>.pt, the newest few
     <run_dir>/wandb/                the W&B run (offline unless you asked for online)
+
+``run.json`` records where a run came from (:func:`provenance`): the command line, the working
+directory, the git commit of the repository it ran in (and of auxframe's own checkout, when that is
+another one) with a ``dirty`` flag for uncommitted changes to tracked files, the auxframe, torch,
+CUDA, cuDNN and Python versions, the host, and the device. Each ``--resume`` appends the same record
+under ``resumes``. It also records the run's ``group`` (:func:`group_name`): one name per
+configuration, the same for every seed of it, which W&B uses as the run's group.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
+import platform
+import re
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from auxframe.errors import RunDirError
 
@@ -98,15 +112,29 @@ class RunDir:
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
 
-    def create(self) -> None:
-        """Create the directory (after everything was built and validated) and write the config."""
+    def create(self, device: Any = None, world_size: int = 1) -> None:
+        """Create the directory (after everything was built and validated) and write the config and
+        ``run.json`` (on resume: append this start's provenance to ``resumes``).
+
+        Args:
+            device: the training device (a ``torch.device`` or its name), recorded with its model.
+            world_size: the number of processes training together (torchrun).
+        """
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock()
-        if not self.resume:
-            if (self.path / CONFIG_FILE).exists():
-                raise RunDirError(f"run directory {self.path} was taken by another run meanwhile; choose another.")
-            _write_atomic(self.path / CONFIG_FILE, self.config)
-            self._write_run_json({"auxframe_version": _version(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance(device, world_size)}
+        if self.resume:
+            self._write_run_json({"resumes": [*self._read_run_json().get("resumes", []), record]})
+            return
+        if (self.path / CONFIG_FILE).exists():
+            raise RunDirError(f"run directory {self.path} was taken by another run meanwhile; choose another.")
+        _write_atomic(self.path / CONFIG_FILE, self.config)
+        self._write_run_json({"auxframe_version": _version(), "group": self.group, **record})
+
+    @property
+    def group(self) -> str:
+        """The name of this run's configuration (:func:`group_name`)."""
+        return group_name(self.config)
 
     def resume_state(self) -> dict[str, Any] | None:
         """The latest checkpoint's state when resuming (None when starting, or none was written)."""
@@ -136,11 +164,16 @@ class RunDir:
             self._lock_fd = None
 
     def _read_run_json(self) -> dict[str, Any]:
-        f = self.path / RUN_FILE
-        return json.loads(f.read_text()) if f.is_file() else {}
+        return read_run_json(self.path)
 
     def _write_run_json(self, values: dict[str, Any]) -> None:
         _write_atomic(self.path / RUN_FILE, json.dumps({**self._read_run_json(), **values}, indent=2) + "\n")
+
+
+def read_run_json(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """A run directory's ``run.json`` ({} if it has none)."""
+    f = Path(run_dir) / RUN_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -153,3 +186,126 @@ def _version() -> str:
     from auxframe import __version__
 
     return __version__
+
+
+# -- provenance -------------------------------------------------------------------------------------
+def provenance(device: Any = None, world_size: int = 1) -> dict[str, Any]:
+    """Where and how a run started: command line, git, versions, host and device (see the module doc)."""
+    import torch
+
+    versions = {"auxframe": _version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+                "python": platform.python_version()}
+    out: dict[str, Any] = {"command": command_line(), "cwd": os.getcwd()}
+    here, package = git_state(Path.cwd()), git_state(Path(__file__).resolve().parent)
+    if here is not None:
+        out["git"] = here
+    if package is not None and (here is None or package["root"] != here["root"]):
+        out["auxframe_git"] = package
+    out.update(versions=versions, host=socket.gethostname(), platform=platform.platform(),
+               device=_device_record(device, world_size))
+    return out
+
+
+def provenance_of(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The provenance ``run.json`` recorded when the run started, flattened for W&B's run config:
+    ``command``, ``git_commit``, ``git_dirty``, ``auxframe``/``torch``/``cuda`` versions, ``host``, ``device``."""
+    info = read_run_json(run_dir)
+    git = info.get("git") or info.get("auxframe_git") or {}
+    device = info.get("device") or {}
+    return {"group": info.get("group"), "command": " ".join(info.get("command", [])), "git_commit": git.get("commit"),
+            "git_dirty": git.get("dirty"), **(info.get("versions") or {}), "host": info.get("host"),
+            "device": f"{device.get('type', '?')}: {device.get('name', '?')} x{device.get('processes', 1)}"}
+
+
+def command_line(argv: list[str] | None = None) -> list[str]:
+    """The command as typed: ``auxframe ...``, ``python -m auxframe ...``, or the script and its arguments."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv:
+        return []
+    first = Path(argv[0])
+    if first.name == "__main__.py" and first.parent.name == "auxframe":
+        return ["python", "-m", "auxframe", *argv[1:]]
+    if first.name == "auxframe":
+        return ["auxframe", *argv[1:]]
+    return argv
+
+
+def git_state(folder: Path) -> dict[str, Any] | None:
+    """``{"commit", "dirty", "root"}`` of the git repository holding ``folder``, or None (not in one,
+    or no git). ``dirty``: tracked files differ from the commit (untracked files do not count)."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10,
+                                  env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None,
+            "root": git("rev-parse", "--show-toplevel")}
+
+
+def _device_record(device: Any, world_size: int) -> dict[str, Any]:
+    import torch
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and torch.cuda.is_available():
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        name = torch.cuda.get_device_name(index)
+    else:
+        name = _cpu_model()
+    return {"type": dev.type, "name": name, "processes": world_size, "threads": torch.get_num_threads()}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# -- the configuration ------------------------------------------------------------------------------
+#: Bindings that do not change what a run computes, left out of its configuration: what only logs.
+#: The seeds (``train.seed``, ``LowDataSplit.seed``) are left out too: a configuration's runs are its seeds.
+NOT_CONFIG = ("train.progress", "train.wandb", "WandbLogger.")
+
+
+def configuration(bindings: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """A run's configuration: its bindings (``key -> gin text``, macros inlined) without the seeds and
+    without what only logs, sorted. Runs that differ only in their seeds share it."""
+    from auxframe.sweep import SEED_KEYS
+
+    return tuple(sorted((k, v) for k, v in bindings.items()
+                        if k not in SEED_KEYS and not k.startswith(NOT_CONFIG) and not k.startswith("%")))
+
+
+def group_name(config: str) -> str:
+    """A readable, stable name of a config's configuration: ``<dataset>-<weighting>-<hash>``, e.g.
+    ``digits-arml-3f9c2a1b``. The same for every seed; another for any other change.
+
+    Args:
+        config: gin config text (``gin.config_str()``, or a run's ``config.gin``).
+    """
+    from auxframe.report import config_bindings
+
+    bindings = config_bindings(config)
+    config_ = configuration(bindings)
+    digest = hashlib.sha256("\n".join(f"{k} = {v}" for k, v in config_).encode()).hexdigest()[:8]
+    return f"{plugin_named(bindings, 'train.dataset', 'datasets')}-{plugin_named(bindings, 'train.weighting', 'weightings', 'equal')}-{digest}"
+
+
+def plugin_named(bindings: Mapping[str, str], key: str, kind: str, default: str = "none") -> str:
+    """The plugin name a binding refers to (``train.weighting = @weightings.arml()`` -> ``arml``)."""
+    value = bindings.get(key)
+    if value is None:
+        return default
+    m = re.search(rf"@(?:[\w.]+/)*{kind}\.(\w+)", value)
+    return m.group(1) if m else re.sub(r"\W+", "_", value).strip("_")[:24] or default

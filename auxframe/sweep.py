@@ -398,7 +398,7 @@ class PointRunner:
 
         parse_point(self.gin_files, self.gin_params, point)
         try:
-            train(run_dir=path, resume=resume)
+            train(run_dir=path, resume=resume, job_type="sweep")
         except AuxframeError as err:  # e.g. a learning rate that diverges: report it, go on with the rest
             return PointResult(point, f"failed: {' '.join(str(err).split())}")
         return PointResult(point, "done", _read_metrics(path))
@@ -410,7 +410,7 @@ class PointRunner:
             cmd += ["--gin", f]
         for b in [*self.gin_params, *point.bindings]:
             cmd += ["--gin-param", b]
-        return cmd + ["--run-dir", str(self.sweep_dir / point.name)] + (["--resume"] if resume else [])
+        return cmd + ["--run-dir", str(self.sweep_dir / point.name), "--job-type", "sweep"] + (["--resume"] if resume else [])
 
     def child_env(self) -> dict[str, str]:
         """This process's environment with each child's thread count set."""

@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="parse, build and check everything (one dry forward pass), print the operative config, "
                         "and stop: nothing is trained or written (same as `auxframe validate`)")
+    p.add_argument("--job-type", default=None, metavar="TYPE",
+                   help="the W&B job type (default: train; sweep under a W&B sweep agent and for `auxframe sweep`'s points)")
     p.add_argument("bindings", nargs="*", metavar="KEY=VALUE",
                    help="more gin bindings, applied after --gin-param (as a W&B sweep agent passes them)")
 
@@ -45,7 +47,8 @@ def main(args: argparse.Namespace) -> int:
     if args.dry_run:  # the run directory is checked only when named
         print_dry_run(train(run_dir=args.run_dir, resume=args.resume, dry_run=True), config.operative_config())
         return 0
-    result = train(run_dir=args.run_dir or default_run_dir(args.gin), resume=args.resume)
+    job_type = args.job_type or ("sweep" if os.environ.get("WANDB_SWEEP_ID") else "train")
+    result = train(run_dir=args.run_dir or default_run_dir(args.gin), resume=args.resume, job_type=job_type)
     print_result(result)
     return 0
 
