@@ -5,7 +5,7 @@ user asked for online (``WandbLogger.online = True``) *and* is logged in. W&B's 
 config go inside the run directory, so nothing is written elsewhere.
 
 W&B conventions (README, "W&B"): a run's **group** is its configuration's name
-(:func:`auxframe.rundir.group_name`, the same for every seed), its **job type** says what started it
+(:func:`auxframe.runconfig.group_name`, the same for every seed), its **job type** says what started it
 (``train``, ``sweep``, ``probe``), and its **tags** name the weighting, the dataset and the task graph
 (``weighting:arml``, ``dataset:digits``, ``main:digit``, ``aux:rotation+parity``). The run config
 holds the operative gin config and, under ``run``, the provenance of ``run.json``.
@@ -177,8 +177,7 @@ def run_tags(config: str, main_task: str, aux_tasks: Sequence[str]) -> list[str]
         main_task: the main task's name.
         aux_tasks: the auxiliary tasks' names.
     """
-    from auxframe.report import config_bindings
-    from auxframe.rundir import plugin_named
+    from auxframe.runconfig import config_bindings, plugin_named
 
     bindings = config_bindings(config)
     aux = "aux:" + ("+".join(aux_tasks) if aux_tasks else "none")

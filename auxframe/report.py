@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from auxframe.errors import ConfigError, RunDirError
-from auxframe.rundir import configuration
+from auxframe.runconfig import config_bindings, configuration  # noqa: F401 - config_bindings re-exported
 from auxframe.stats import Interval, Paired, mean_ci, paired
 from auxframe.sweep import SEED_KEY, SEED_KEYS, SPLIT_SEED_KEY, SWEEP_FILE, _short_labels
 
@@ -199,23 +199,6 @@ def _record(run_dir: Path, method: str, setting: tuple, sweep: tuple[dict, Path]
     record = RunRecord(run_dir, method, setting, seed, config, metrics, from_sweep=sweep is not None)
     record.command = _sweep_command(sweep, setting) if sweep is not None else _run_command(run_dir)
     return record
-
-
-def config_bindings(text: str) -> dict[str, str]:
-    """A saved gin config (``config.gin``) as ``key -> gin text`` (``scope/Name.param``; macros as
-    ``%NAME``), with macro references replaced by the macros' values."""
-    from gin import config_parser
-
-    from auxframe.sweep import _Delegate, gin_text
-
-    out: dict[str, str] = {}
-    for statement in config_parser.ConfigParser(text, _Delegate()):
-        if not isinstance(statement, config_parser.BindingStatement):
-            continue
-        scope = f"{statement.scope}/" if statement.scope else ""
-        key = f"{scope}{statement.selector}.{statement.arg_name}" if statement.arg_name else f"%{statement.selector}"
-        out[key] = gin_text(statement.value)
-    return {k: out.get(v, v) if v.startswith("%") else v for k, v in out.items()}
 
 
 def _plain_settings(records: list[RunRecord]) -> None:

@@ -15,24 +15,22 @@ Layout::
 directory, the git commit of the repository it ran in (and of auxframe's own checkout, when that is
 another one) with a ``dirty`` flag for uncommitted changes to tracked files, the auxframe, torch,
 CUDA, cuDNN and Python versions, the host, and the device. Each ``--resume`` appends the same record
-under ``resumes``. It also records the run's ``group`` (:func:`group_name`): one name per
+under ``resumes``. It also records the run's ``group`` (:func:`auxframe.runconfig.group_name`): one name per
 configuration, the same for every seed of it, which W&B uses as the run's group.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import platform
-import re
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from auxframe.errors import RunDirError
 
@@ -134,6 +132,8 @@ class RunDir:
     @property
     def group(self) -> str:
         """The name of this run's configuration (:func:`group_name`)."""
+        from auxframe.runconfig import group_name
+
         return group_name(self.config)
 
     def resume_state(self) -> dict[str, Any] | None:
@@ -270,42 +270,3 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-# -- the configuration ------------------------------------------------------------------------------
-#: Bindings that do not change what a run computes, left out of its configuration: what only logs.
-#: The seeds (``train.seed``, ``LowDataSplit.seed``) are left out too: a configuration's runs are its seeds.
-NOT_CONFIG = ("train.progress", "train.wandb", "WandbLogger.")
-
-
-def configuration(bindings: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
-    """A run's configuration: its bindings (``key -> gin text``, macros inlined) without the seeds and
-    without what only logs, sorted. Runs that differ only in their seeds share it."""
-    from auxframe.sweep import SEED_KEYS
-
-    return tuple(sorted((k, v) for k, v in bindings.items()
-                        if k not in SEED_KEYS and not k.startswith(NOT_CONFIG) and not k.startswith("%")))
-
-
-def group_name(config: str) -> str:
-    """A readable, stable name of a config's configuration: ``<dataset>-<weighting>-<hash>``, e.g.
-    ``digits-arml-3f9c2a1b``. The same for every seed; another for any other change.
-
-    Args:
-        config: gin config text (``gin.config_str()``, or a run's ``config.gin``).
-    """
-    from auxframe.report import config_bindings
-
-    bindings = config_bindings(config)
-    config_ = configuration(bindings)
-    digest = hashlib.sha256("\n".join(f"{k} = {v}" for k, v in config_).encode()).hexdigest()[:8]
-    return f"{plugin_named(bindings, 'train.dataset', 'datasets')}-{plugin_named(bindings, 'train.weighting', 'weightings', 'equal')}-{digest}"
-
-
-def plugin_named(bindings: Mapping[str, str], key: str, kind: str, default: str = "none") -> str:
-    """The plugin name a binding refers to (``train.weighting = @weightings.arml()`` -> ``arml``)."""
-    value = bindings.get(key)
-    if value is None:
-        return default
-    m = re.search(rf"@(?:[\w.]+/)*{kind}\.(\w+)", value)
-    return m.group(1) if m else re.sub(r"\W+", "_", value).strip("_")[:24] or default

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from auxframe.errors import AuxframeError, ConfigError, RunDirError
+from auxframe.runconfig import SEED_KEY, SEED_KEYS, SPLIT_SEED_KEY, _Delegate, gin_text  # noqa: F401 - re-exported
 from auxframe.stats import Interval, mean_ci
 
 SUMMARY_CSV = "summary.csv"
@@ -54,10 +55,6 @@ POINTS_CSV = "points.csv"
 SUMMARY_MD = "summary.md"
 SWEEP_FILE = "sweep.json"
 LOG_DIR = "logs"
-SEED_KEY = "train.seed"
-SPLIT_SEED_KEY = "LowDataSplit.seed"
-#: The parameters that only seed a run; the points that differ in nothing else form one configuration.
-SEED_KEYS = (SEED_KEY, SPLIT_SEED_KEY)
 #: The environment variables that set a child process's threads (OpenMP, MKL, OpenBLAS; torch's
 #: intra-op pool takes OMP_NUM_THREADS).
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -65,33 +62,6 @@ _EXAMPLE = "--grid \"torch.optim.Adam.lr=[1e-3, 1e-2]\""
 
 
 # -- grid --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Ref:
-    """A gin reference or macro inside a grid value; ``repr`` gives its gin text back."""
-
-    text: str
-
-    def __repr__(self) -> str:
-        return self.text
-
-
-class _Delegate:
-    """Parser delegate for ``gin.config_parser``: keeps references and macros as their text."""
-
-    def configurable_reference(self, scoped_name: str, evaluate: bool) -> _Ref:
-        return _Ref(f"@{scoped_name}{'()' if evaluate else ''}")
-
-    def macro(self, name: str) -> _Ref:
-        return _Ref(f"%{name}")
-
-
-def gin_text(value: Any) -> str:
-    """The gin text of a value parsed from a grid (Python literals, references, macros)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"grid value {value!r} cannot be written in gin; use finite numbers.")
-    return repr(value)
-
-
 @dataclass(frozen=True)
 class AxisValue:
     """One value of an axis.

@@ -15,7 +15,8 @@ import torch
 from auxframe import config
 from auxframe.cli import main
 from auxframe.loggers import WandbLogger, run_tags
-from auxframe.rundir import command_line, configuration, git_state, group_name, read_run_json
+from auxframe.rundir import command_line, git_state, read_run_json
+from auxframe.runconfig import configuration, group_name
 from helpers import GIN, quick_bindings
 
 QUICKSTART = str(GIN / "quickstart.gin")
