@@ -127,9 +127,9 @@ def train(
             ``'aot_eager'``); a weighting that differentiates the step's graph twice runs eagerly.
         cudnn_benchmark: let cuDNN time its algorithms and keep the fastest (None: on CUDA unless
             ``deterministic``).
-        deterministic: deterministic algorithms only (with cuDNN and cuBLAS), so that a resumed run
-            on a GPU is bit-identical to an uninterrupted one; an operation without a deterministic
-            implementation then raises.
+        deterministic: deterministic algorithms (with cuDNN and cuBLAS), so that a resumed run on a
+            GPU is bit-identical to an uninterrupted one; an operation without a deterministic
+            implementation warns, naming itself.
         wandb: the W&B logger settings (default: offline, project ``auxframe``).
         callbacks: more trainer callbacks (:class:`auxframe.callbacks.Callback`), e.g.
             ``[@MyCallback()]`` after ``gin.register(MyCallback)``; their state is checkpointed.

@@ -51,7 +51,8 @@ for a weighting that differentiates the step's graph twice (``Weighting.double_b
 ``torch.compile`` cannot do: its inner steps run eagerly, with one warning; ``cudnn_benchmark``
 lets cuDNN time its algorithms; ``deterministic`` asks for deterministic algorithms (cuDNN's and
 cuBLAS's too, through ``CUBLAS_WORKSPACE_CONFIG``), so that a resumed run is bit-identical to an
-uninterrupted one on a GPU as it is on the CPU.
+uninterrupted one on a GPU as it is on the CPU (an operation without a deterministic implementation
+warns, naming itself).
 """
 
 from __future__ import annotations
@@ -90,9 +91,9 @@ class Strategy:
             backend) or a backend name (e.g. ``'aot_eager'``).
         cudnn_benchmark: let cuDNN pick its fastest algorithms by timing them (None: on CUDA unless
             ``deterministic``).
-        deterministic: deterministic algorithms only (``torch.use_deterministic_algorithms``,
-            cuDNN deterministic, ``CUBLAS_WORKSPACE_CONFIG``); an operation without a deterministic
-            implementation then raises.
+        deterministic: deterministic algorithms (``torch.use_deterministic_algorithms``, cuDNN
+            deterministic, ``CUBLAS_WORKSPACE_CONFIG``); an operation that has no deterministic
+            implementation warns, naming itself (a run with one is not bit-reproducible).
 
     Raises:
         ConfigError: for an unknown precision, or a precision the device cannot run.
@@ -168,8 +169,9 @@ class Strategy:
                               stacklevel=3)
             self._restore.append((os.environ, "CUBLAS_WORKSPACE_CONFIG", None))
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
-        self._restore.append((torch, "use_deterministic_algorithms", torch.are_deterministic_algorithms_enabled()))
-        torch.use_deterministic_algorithms(True)
+        self._restore.append((torch, "use_deterministic_algorithms",
+                              (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())))
+        torch.use_deterministic_algorithms(True, warn_only=True)  # a missing one warns rather than ending the run
         self._set(torch.backends.cudnn, "deterministic", True)
 
     def close(self) -> None:
@@ -178,7 +180,7 @@ class Strategy:
             if obj is os.environ:
                 os.environ.pop(name, None)
             elif name == "use_deterministic_algorithms":
-                torch.use_deterministic_algorithms(value)
+                torch.use_deterministic_algorithms(value[0], warn_only=value[1])
             else:
                 setattr(obj, name, value)
         self._restore = []

@@ -23,5 +23,17 @@ def quick_bindings(steps: int = 4, **extra) -> list[str]:
         "train.device": f"'{os.environ.get('AUXFRAME_TEST_DEVICE', 'cpu')}'",
         "backbones.small_cnn.channels": "(8, 8)",
     }
+    # AUXFRAME_TEST_CUDA_GRAPH=auto runs AuxiLearn's outer steps from a CUDA graph wherever it
+    # applies (scripts/gpu_session.sh: the suite on CUDA with cuda_graph on); a test's own binding wins.
+    if os.environ.get("AUXFRAME_TEST_CUDA_GRAPH"):
+        b["weightings.auxilearn.cuda_graph"] = _cuda_graph(os.environ["AUXFRAME_TEST_CUDA_GRAPH"])
     b.update(extra)
     return [f"{k} = {v}" for k, v in b.items()]
+
+
+def _cuda_graph(value: str) -> str:
+    """``AUXFRAME_TEST_CUDA_GRAPH`` as a gin value: 'auto', True or False."""
+    choices = {"auto": "'auto'", "1": "True", "true": "True", "0": "False", "false": "False"}
+    if value.lower() not in choices:
+        raise ValueError(f"AUXFRAME_TEST_CUDA_GRAPH must be one of {sorted(choices)}, got {value!r}")
+    return choices[value.lower()]

@@ -1,8 +1,12 @@
 """The gradient engine and every weighting on a GPU, against the same computation on the CPU.
 
-Skipped without CUDA. On a GPU machine, run it with the end-to-end tests moved there too::
+Skipped without CUDA. On a GPU machine, run it with the end-to-end tests moved there too, and
+AuxiLearn's outer steps replayed from CUDA graphs wherever they apply (scripts/gpu_session.sh)::
 
-    AUXFRAME_TEST_DEVICE=cuda pytest tests/test_cuda.py tests/test_trainer.py tests/test_arml.py
+    AUXFRAME_TEST_DEVICE=cuda AUXFRAME_TEST_CUDA_GRAPH=auto pytest tests
+
+Numerical comparisons with the CPU turn TF32 off (``train.tf32 = False``): it rounds fp32 products
+to 10 bits of mantissa.
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ def test_every_weighting_trains_on_gpu_like_on_cpu(tmp_path, name):
     results = {}
     for device in ("cpu", "cuda"):
         gin.clear_config()
-        bindings = {"train.device": f"'{device}'", "train.weighting": f"@weightings.{name}()", **NEEDS.get(name, {})}
+        bindings = {"train.device": f"'{device}'", "train.weighting": f"@weightings.{name}()", "train.tf32": "False",
+                    **NEEDS.get(name, {})}
         config.parse([GIN / "quickstart.gin"], quick_bindings(steps=6, **bindings))
         results[device] = train(run_dir=tmp_path / device)
     for task, w in results["cpu"]["weights"].items():
@@ -118,3 +123,89 @@ def test_batches_arrive_on_the_gpu_augmented_there_from_pinned_memory(tmp_path):
         torch.testing.assert_close(x.cpu(), xc, rtol=0, atol=1e-6)
     views, ids = Exemplar(n_views=4)(images, torch.Generator(device=cuda).manual_seed(0))
     assert views.device.type == "cuda" and views.shape == (64, 3, 32, 32) and ids.device.type == "cuda"
+
+
+# -- precision and speed options on the GPU (tests/test_precision.py on the CPU) --------------------
+def test_every_reduced_precision_path_matches_fp32_on_the_gpu():
+    from test_precision import TOL, reduced_precision_paths, rel
+
+    reference = reduced_precision_paths("fp32", device="cuda")
+    for precision in ("bf16", "fp16"):
+        low = reduced_precision_paths(precision, device="cuda")
+        errors = {name: rel(low[name], ref) for name, ref in reference.items()}
+        assert all(e < TOL[precision] for e in errors.values()), (precision, errors)
+        assert errors["model gradient"] > 1e-4, (precision, errors)
+
+
+def _run(run_dir, steps, resume=False, **bindings):
+    gin.clear_config()
+    config.parse([GIN / "quickstart.gin"], quick_bindings(steps=steps, **{"train.device": "'cuda'", **bindings}))
+    return train(run_dir=run_dir, resume=resume)
+
+
+def test_quickstart_in_bf16_and_fp16_on_the_gpu_trains_like_fp32():
+    results = {p: _run(None, 80, **{"train.precision": f"'{p}'", "train.tf32": "False"}) for p in ("fp32", "bf16", "fp16")}
+    for precision in ("bf16", "fp16"):
+        loss = results[precision]["metrics"]["test/digit/loss"]
+        assert abs(loss - results["fp32"]["metrics"]["test/digit/loss"]) < 0.02, precision
+        assert abs(results[precision]["test"] - results["fp32"]["test"]) <= 0.03, precision
+
+
+def test_deterministic_runs_resume_bit_exactly_on_the_gpu(tmp_path):
+    from auxframe.checkpoint import latest_checkpoint, load_checkpoint
+
+    extra = {"train.deterministic": "True", "train.checkpoint_every": 4, "train.precision": "'bf16'",
+             "train.channels_last": "True"}
+    _run(tmp_path / "straight", 8, **extra)
+    _run(tmp_path / "split", 4, **extra)
+    _run(tmp_path / "split", 8, resume=True, **extra)
+    a, b = (load_checkpoint(latest_checkpoint(tmp_path / d)) for d in ("straight", "split"))
+    assert a["step"] == b["step"] == 8
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    assert not torch.are_deterministic_algorithms_enabled()  # put back after the run
+
+
+def test_tf32_and_cudnn_benchmark_hold_during_the_run_and_are_put_back():
+    from auxframe.weighting.fixed import Equal
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark)
+    seen = []
+
+    class Probe(Equal):
+        def combine(self, losses, ctx):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark))
+            return super().combine(losses, ctx)
+
+    gin.register(Probe, module="test_cuda")
+    _run(None, 2, **{"train.weighting": "@test_cuda.Probe()", "train.tf32": "True"})
+    assert seen == [(True, True), (True, True)]
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark) == before
+
+
+def test_compiled_inner_steps_on_the_gpu_give_the_eager_losses(tmp_path):
+    import json
+
+    rows = {}
+    for compiled in (False, True):
+        _run(tmp_path / str(compiled), 6, **{"train.log_every": 1, "train.tf32": "False",
+                                            "train.compile": str(compiled)})
+        rows[compiled] = [json.loads(line)["train/digit/loss"] for line in
+                          (tmp_path / str(compiled) / "scalars.jsonl").read_text().splitlines()
+                          if "train/digit/loss" in line]
+    assert rows[True] == pytest.approx(rows[False], rel=1e-4, abs=1e-5)
+
+
+def test_auxilearn_cuda_graph_auto_applies_on_the_gpu_and_equals_eager(tmp_path):
+    import warnings
+
+    results = {}
+    for graph in ("False", "'auto'"):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            results[graph] = _run(tmp_path / graph.strip("'"), 12, **{
+                "train.weighting": "@weightings.auxilearn()", "weightings.auxilearn.outer_every": 3,
+                "weightings.auxilearn.mixed": "'vjp'", "weightings.auxilearn.cuda_graph": graph, "train.tf32": "False"})
+        assert not [w for w in record if str(w.message).startswith("AuxiLearn")], graph
+    for task, w in results["False"]["weights"].items():
+        assert results["'auto'"]["weights"][task] == pytest.approx(w, rel=1e-3, abs=1e-4), task

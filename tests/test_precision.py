@@ -43,15 +43,16 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def step(precision: str, loss_scale: float = 1.0):
+def step(precision: str, loss_scale: float = 1.0, device: str = "cpu"):
     """One inner step's losses with the forward through the strategy's ``train_model``: a small
-    CNN with BatchNorm and four heads, 'rot' on a batch of its own."""
+    CNN with BatchNorm and four heads, 'rot' on a batch of its own (drawn on the CPU, then moved)."""
     torch.manual_seed(0)
     backbone = SmallCNN(input_shape=(1, 8, 8), channels=(8, 16), batch_norm=True)
-    model = MultiTaskModel(backbone, {t: ClassificationHead((backbone.out_features,), 5) for t in TASKS})
-    x1, x2 = torch.randn(32, 1, 8, 8), torch.randn(24, 1, 8, 8)
-    y1, y2 = {t: torch.randint(0, 5, (32,)) for t in TASKS}, torch.randint(0, 5, (24,))
-    strategy = Strategy(torch.device("cpu"), precision=precision)
+    model = MultiTaskModel(backbone, {t: ClassificationHead((backbone.out_features,), 5) for t in TASKS}).to(device)
+    x1, x2 = torch.randn(32, 1, 8, 8).to(device), torch.randn(24, 1, 8, 8).to(device)
+    y1 = {t: torch.randint(0, 5, (32,)).to(device) for t in TASKS}
+    y2 = torch.randint(0, 5, (24,)).to(device)
+    strategy = Strategy(torch.device(device), precision=precision, tf32=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     strategy.setup(model, Equal(), optimizer)
     ce = nn.CrossEntropyLoss(reduction="none")
@@ -67,9 +68,9 @@ def step(precision: str, loss_scale: float = 1.0):
     return model, losses, ctx, strategy, optimizer
 
 
-def reduced_precision_paths(precision: str) -> dict[str, object]:
+def reduced_precision_paths(precision: str, device: str = "cpu") -> dict[str, object]:
     """Every quantity the policy computes from the inner step's graph, at one precision."""
-    model, losses, ctx, _, _ = step(precision)
+    model, losses, ctx, strategy, _ = step(precision, device=device)
     out = {"model gradient": torch.autograd.grad(losses.means().sum(), list(model.parameters()), retain_graph=True)}
     out["Gramian (public autograd)"] = TaskGradients(losses, ctx, batched=False).gramian(TASKS)
     with warnings.catch_warnings():  # the folded pass may decline reduced-precision graphs (one warning)
@@ -81,8 +82,9 @@ def reduced_precision_paths(precision: str) -> dict[str, object]:
         out[f"inner products (jvp={jvp})"] = TaskGradients(losses, ctx, jvp=jvp).gradient_and_inner_products(c, TASKS[1:])[1]
     out["inner products (fused)"] = TaskGradients(losses, ctx).gradient_and_inner_products(c, TASKS[1:], fused=True)[1]
     arml = ARML(update_every=1)
-    arml.setup(WeightingSetup("main", TASKS[1:], model, model.shared_parameters(), torch.device("cpu"), 10, 1))
+    arml.setup(WeightingSetup("main", TASKS[1:], model, model.shared_parameters(), torch.device(device), 10, 1))
     out["ARML weight gradient"] = arml.weight_gradient(losses, ctx)[0]
+    strategy.close()
     return out
 
 
@@ -205,6 +207,17 @@ def test_fp16_warns_once_for_a_weighting_that_writes_gradients_without_the_loss_
         run(None, 3, **{"train.precision": "'fp16'", "train.weighting": "@weightings.pcgrad()"})
     said = [str(w.message) for w in record if "not loss-scaled" in str(w.message)]
     assert len(said) == 1 and "PCGrad" in said[0] and "'bf16'" in said[0]
+
+
+def test_cuda_graph_auto_is_silent_where_it_does_not_apply_and_changes_nothing_there():
+    extra = {"train.weighting": "@weightings.auxilearn()", "weightings.auxilearn.outer_every": 2}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        auto = run(None, 4, **{**extra, "weightings.auxilearn.cuda_graph": "'auto'"})
+    assert not [w for w in record if "cuda_graph" in str(w.message)]
+    assert auto["weights"] == run(None, 4, **{**extra, "weightings.auxilearn.cuda_graph": "False"})["weights"]
+    with pytest.raises(ConfigError, match="cuda_graph must be True, False or 'auto', got 'on'"):
+        run(None, 1, **{**extra, "weightings.auxilearn.cuda_graph": "'on'"})
 
 
 def test_unknown_precision_is_named():

@@ -112,6 +112,9 @@ class AuxiLearn(Weighting):
             one auxiliary-set batch, no label generators, no active dropout, one process; the
             first outer step (which estimates ``alpha='auto'``) and batches of another shape run
             eagerly. Costs the memory of one outer step's graphs for the rest of the run.
+            ``'auto'``: the same, where it applies, and eagerly without a word elsewhere (the CPU,
+            torchrun, another method); the default stays False until the whole CUDA suite has
+            passed with it on (``scripts/gpu_session.sh`` runs the suite so).
         learn_auxnet: learn the auxiliary network's parameters; False keeps them at their
             initial values (the linear net: weight 1 on every task) and learns only the label
             generators of generated-label tasks.
@@ -139,7 +142,7 @@ class AuxiLearn(Weighting):
         learn_auxnet: bool = True,
         generator_lr: float | None = None,
         curvature_fraction: float = 1.0,
-        cuda_graph: bool = False,
+        cuda_graph: bool | str = False,
     ):
         _check_choice("inner_params", inner_params, _INNER)
         _check_choice("outer_bn_mode", outer_bn_mode, _BN_MODES)
@@ -166,7 +169,9 @@ class AuxiLearn(Weighting):
         self.outer_bn_mode, self.alpha_refresh = outer_bn_mode, alpha_refresh
         _check_path_settings(mixed=mixed, curvature_fraction=curvature_fraction, method=method)
         self.mixed, self.curvature_fraction = mixed, float(curvature_fraction)
-        self.cuda_graph = bool(cuda_graph)
+        if cuda_graph not in (True, False, "auto"):
+            raise ConfigError(f"weightings.auxilearn.cuda_graph must be True, False or 'auto', got {cuda_graph!r}.")
+        self.cuda_graph = cuda_graph
         self._graphed: GraphedHypergradient | None = None  # the captured hypergradient
         self.learn_auxnet, self.generator_lr = bool(learn_auxnet), generator_lr
 
@@ -283,14 +288,14 @@ class AuxiLearn(Weighting):
             (has_dropout(model), "dropout in the model"),
         ]
         blocker = next((why for blocked, why in blockers if blocked), None)
-        if self.cuda_graph and blocker is not None:
+        if self.cuda_graph is True and blocker is not None:
             warnings.warn(f"AuxiLearn: cuda_graph=True does not apply here ({blocker}); outer steps run eagerly.",
                           RuntimeWarning, stacklevel=3)
         return OuterPath(
             mixed=mixed,
             forward_gauss_newton=self.curvature == "gauss_newton" and not dropout,
             curvature_subset=self.curvature_fraction < 1,
-            graphed=self.cuda_graph and blocker is None,
+            graphed=bool(self.cuda_graph) and blocker is None,
         )
 
     def reconfigure(self, **settings: Any) -> None:
@@ -464,7 +469,7 @@ class AuxiLearn(Weighting):
         """The outer step's hypergradient replayed from the CUDA graph, or None (then eagerly)."""
         if ctx.train_batch is None or ctx.aux_set_batch is None or ctx.make_losses is None:
             self._narrow("cuda_graph=True does not apply here (the trainer offers no raw batches); outer steps "
-                         "run eagerly.", graphed=False)
+                         "run eagerly." if self.cuda_graph is True else None, graphed=False)
             return None
         if self.alpha is None or self._alpha_due():
             return None  # (the first outer step estimates alpha eagerly)
