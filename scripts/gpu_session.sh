@@ -1,74 +1,71 @@
 #!/usr/bin/env bash
-# One short session on a GPU machine: the CUDA tests, the digits results grid, the GPU benchmarks.
+# One short session on a GPU machine (at most about 10 minutes on one H200; the session has 15 in all):
+#   1. the whole test suite on CUDA, with AuxiLearn's outer steps replayed from CUDA graphs wherever
+#      they apply (AUXFRAME_TEST_DEVICE=cuda AUXFRAME_TEST_CUDA_GRAPH=auto): the condition for
+#      making cuda_graph='auto' AuxiLearn's default; tests/test_cuda.py (GPU against CPU, precision,
+#      deterministic resume, compile) is part of it;
+#   2. the benchmarks on a quiet GPU: the real-size ones (bench/real_scale.py: S4L CIFAR-10 and
+#      CelebA 1%, auxframe against a hand-written loop, bf16 against fp32, peak memory per
+#      weighting), then the engine, weighting and AuxiLearn ones;
+#   3. with GRID=1 only, the digits results grid of scripts/protocol.py (several more minutes).
+# Everything it writes goes to $OUT: device.txt, suite.txt, bench.txt (and protocol.txt, runs.tar.gz).
 #
-# The machine has PyTorch but not this project's other packages and no network: wheels of
-# gin-config and of auxframe itself (for its entry points) travel in .whl/ (made on the developer
-# machine: `pip download --no-deps gin-config==0.5.0 -d .whl` and `pip wheel --no-deps -w .whl .`).
-# Everything it writes goes to $OUT (the results grid as one tar.gz, the logs as text).
+#   OUT=/some/folder bash scripts/gpu_session.sh
 #
-#   bash scripts/gpu_session.sh            # needs OUT set; ~6-8 minutes on one H100/H200
-#
-# What runs can be narrowed by environment variables: METHODS (the protocol's methods), NS (label
-# counts, "5 10"), TUNE (1: tune ARML, GradNorm and OL_AUX first), BENCH_AUXILEARN (the sections of
-# bench/auxilearn_cost.py).
+# The machine has PyTorch, numpy, scikit-learn and pytest but not gin-config or albumentations, and
+# no network: their wheels travel in .whl/ (ignored by git; make it here and carry the folder):
+#   pip download --no-deps -d .whl gin-config==0.5.0 albumentations==2.0.8 albucore==0.0.24 \
+#       pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+#       simsimd==6.5.16 stringzilla==5.3.2
+# The script builds auxframe's own wheel there (for its entry points) unless .whl/ already holds one.
+# BENCH picks the benchmarks: real_s4l,real_celeba,auxilearn by default (about 6 minutes), 'all'
+# adds engine,weightings,hypergrad (their GPU figures are in bench/README.md already).
 set -u -o pipefail
 OUT=${OUT:?set OUT to a folder for the results}
+GRID=${GRID:-0}
+BENCH=${BENCH:-real_s4l,real_celeba,auxilearn}
+[ "$BENCH" = all ] && BENCH=real_s4l,real_celeba,auxilearn,engine,weightings,hypergrad
+ls .whl/gin_config-*.whl >/dev/null 2>&1 || { echo "no gin-config wheel in .whl/ (see the header)"; exit 1; }
+if ! ls .whl/auxframe-*.whl >/dev/null 2>&1; then
+  python3 -m pip wheel -q --no-deps --no-build-isolation -w .whl . > "$OUT/wheel.txt" 2>&1 \
+    || { echo "building auxframe's wheel failed (setuptools >= 77 needed; see $OUT/wheel.txt): build it" \
+              "elsewhere with 'pip wheel --no-deps -w .whl .'"; exit 1; }
+fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/device.txt"
+{ date -u +%Y-%m-%dT%H:%MZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))"
+} | tee "$OUT/device.txt"
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 6" || echo "")
 
-METHODS=${METHODS:-stl,stl_plus,equal_all,arml,uncertainty,adaloss,dwa,gradnorm,gcs,ol_aux,pcgrad}
-NS=${NS:-5 10}
-TUNE=${TUNE:-1}
-BENCH_AUXILEARN=${BENCH_AUXILEARN:-ratio,throughput,graph}
+# 1. The whole suite on CUDA with cuda_graph='auto' (the CPU-only tests stay on the CPU by themselves).
+# shellcheck disable=SC2086  # workers is empty or two words
+AUXFRAME_TEST_DEVICE=cuda AUXFRAME_TEST_CUDA_GRAPH=auto timeout 240 python3 -m pytest -q -p no:cacheprovider \
+    $workers -r fEs tests > "$OUT/suite.txt" 2>&1
+echo "exit $?" >> "$OUT/suite.txt"
+tail -n 3 "$OUT/suite.txt"
 
-# 1. CUDA tests (GPU against CPU for the engine and every weighting; end-to-end tests on the GPU),
-#    beside the results grid: both are light on the GPU.
-(AUXFRAME_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_cuda.py tests/test_gradients.py tests/test_arml.py tests/test_trainer.py tests/test_auxilearn.py \
-    tests/test_batched_backward.py tests/test_hypergrad.py \
-    > "$OUT/cuda_tests.txt" 2>&1; echo "exit $?" >> "$OUT/cuda_tests.txt") &
-TESTS=$!
-
-# 2. Results grid: tune each method's hyperparameter on validation, then every method, n = 5 and 10,
-#    seeds 0-4. Runs are small: many share the GPU at once.
+# 2. Benchmarks, each with its own time limit (bench/README.md says what each prints). The real-size
+#    ones write their fixtures to /tmp first (CIFAR-10's pickles, 4,096 CelebA JPEGs: about 30 s).
+#    Goals: auxframe / hand-written <= 1.05, data wait <= 10% of the step, bf16 >= 1.7x fp32 without
+#    TF32 (S4L); peak memory per weighting at K = 39 (CelebA); AuxiLearn's outer step with its graph.
+bench() { case ",$BENCH," in *",$1,"*) shift; echo "## $*"; timeout "$@"; echo "exit $?";; esac; }
 {
-  if [ "$TUNE" = 1 ]; then
-    python3 scripts/protocol.py tune --out runs/protocol --param "train.device = 'cuda'" \
-        --methods arml,gradnorm,ol_aux --n 10 --seeds 3 --jobs 14
-  fi
-  # shellcheck disable=SC2086  # NS is a list of numbers
-  python3 scripts/protocol.py run --out runs/protocol --param "train.device = 'cuda'" \
-      --methods "$METHODS" --n $NS --seeds 5 --jobs 14
-} > "$OUT/protocol.txt" 2>&1
-tar czf "$OUT/runs.tar.gz" --exclude='*.pt' --exclude='wandb' runs/protocol
-wait $TESTS
-
-# 3. Benchmarks on a quiet GPU.
-{
-  # per-task gradients (fold / vmap / loop), ARML's step, the Gramian at K=39 against LibMTL's loop
-  # (goal <= 0.5), OL_AUX's row and GradNorm's update
-  timeout 180 python3 bench/gradient_engine.py --device cuda --rounds 5 --calls 5
-  timeout 120 python3 bench/weighting_throughput.py --device cuda --rounds 3
-  # every weighting over Equal at K = 5 and 39 attribute heads (issue 15 goals at K = 39: loss-based
-  # <= 1.2, Gramian <= 2.0; TorchJD's cvxpy/quadprog extras must be installed there)
-  timeout 300 python3 bench/weighting_throughput.py --device cuda --tasks k5,k39 --steps 20 --rounds 3
-  timeout 200 python3 bench/auxilearn_cost.py --device cuda --sections "$BENCH_AUXILEARN" --time-limit 25
-  timeout 60 python3 bench/hypergrad_methods.py --rounds 5 --calls 10
+  bench real_s4l 150 python3 bench/real_scale.py --setting s4l --device cuda --sections throughput,precision \
+      --rounds 3 --warmup 10 --time-limit 50 --cache /tmp/auxframe-bench
+  bench real_celeba 150 python3 bench/real_scale.py --setting celeba --device cuda --sections throughput,memory,workers \
+      --rounds 3 --warmup 10 --time-limit 35 --workers-list 2,4,8,15 --cache /tmp/auxframe-bench
+  bench auxilearn 45 python3 bench/auxilearn_cost.py --device cuda --sections ratio,throughput,graph --time-limit 12
+  bench engine 60 python3 bench/gradient_engine.py --device cuda --rounds 3 --calls 5
+  bench weightings 90 python3 bench/weighting_throughput.py --device cuda --tasks k5,k39 --steps 20 --rounds 2
+  bench hypergrad 30 python3 bench/hypergrad_methods.py --rounds 3 --calls 10
 } > "$OUT/bench.txt" 2>&1
+grep -E "^## |^exit " "$OUT/bench.txt"
 
-# 4. The data path at real size (bench/real_scale.py; needs albumentations' wheels in .whl/:
-#    albumentations==2.0.8 albucore==0.0.24 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
-#    typing-inspection==0.4.5 simsimd==6.5.16 stringzilla==5.3.2). Fixtures are written to /tmp first
-#    (CIFAR-10's pickles, 4,096 CelebA JPEGs: about 30 s). Goals: auxframe / hand-written <= 1.05, data
-#    wait <= 10% of the step, bf16 >= 1.7x fp32 without TF32 (S4L); peak memory per weighting at K = 39.
-if [ "${REAL_SCALE:-1}" = 1 ]; then
-  {
-    timeout 240 python3 bench/real_scale.py --setting s4l --device cuda --sections throughput,precision \
-        --rounds 3 --cache /tmp/auxframe-bench
-    timeout 240 python3 bench/real_scale.py --setting celeba --device cuda --sections throughput,memory,workers \
-        --rounds 3 --workers-list 2,4,8,15 --cache /tmp/auxframe-bench
-  } > "$OUT/real_scale.txt" 2>&1
+# 3. The digits results grid (GRID=1): every method, n = 5 and 10, seeds 0-4, 14 runs at a time.
+if [ "$GRID" = 1 ]; then
+  python3 scripts/protocol.py run --out runs/protocol --param "train.device = 'cuda'" --n 5 10 --seeds 5 --jobs 14 \
+      > "$OUT/protocol.txt" 2>&1
+  tar czf "$OUT/runs.tar.gz" --exclude='*.pt' --exclude='wandb' runs/protocol
 fi
 echo done
