@@ -367,7 +367,7 @@ class Trainer:
         self.ctx.step = self.state.step
         self.ctx.extras.clear()
         self.control.skip_step = False
-        self._forward_model = self.strategy.train_model  # DistributedDataParallel's wrapper under torchrun
+        self._forward_model = self.strategy.train_model  # DDP, autocast, compile: the strategy decides
         try:
             losses = self._next_train_losses()
         finally:
