@@ -260,8 +260,8 @@ class Strategy:
 
     # -- the step --------------------------------------------------------------------------------
     def backward(self, weighting: Weighting, losses: TaskLosses, ctx: StepContext) -> None:
-        """The weighting's backward (``ctx.backward`` scales the loss under fp16), the gradients
-        unscaled, then the gradients DDP did not reduce averaged over ranks."""
+        """The weighting's backward (``ctx.backward`` scales the loss under fp16), the gradients DDP
+        did not reduce averaged over ranks, then the fp16 gradients unscaled."""
         self._scaled = False
         try:
             weighting.backward(losses, ctx)
@@ -273,10 +273,10 @@ class Strategy:
                     f"weighting so that its inner steps run eagerly."
                 ) from err
             raise
+        if self.synced_parameters:  # (before unscaling, so that an overflow on one rank reaches every rank)
+            distributed.all_reduce_mean([p.grad for p in self.synced_parameters if p.grad is not None])
         if self.scaler is not None:
             self._unscale(weighting)
-        if self.synced_parameters:
-            distributed.all_reduce_mean([p.grad for p in self.synced_parameters if p.grad is not None])
 
     def scaled_backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()``, through the fp16 loss scale (``ctx.backward``)."""
