@@ -307,6 +307,11 @@ class LinearAuxNet(AuxNet):
         """The effective task weights ``w``, shape ``(T,)`` (without the skip connection's 1)."""
         return self._weight(self.linear)[0]
 
+    @torch.no_grad()
+    def set_weights_(self, weights: torch.Tensor) -> None:
+        """Set the effective task weights ``w`` (``(T,)``) in place, e.g. to rescale them."""
+        self._init_weight_(self.linear, weights.detach().reshape(1, -1).to(self.linear.weight))
+
     def _weight_layers(self) -> list[nn.Module]:
         return [self.linear]
 

@@ -89,3 +89,24 @@ def test_a_run_whose_series_converges_says_nothing(tmp_path):
 def test_bad_alpha_refresh_is_named(value):
     with pytest.raises(ConfigError, match="alpha_refresh must be 'on_divergence' or an integer >= 0"):
         AuxiLearn(alpha_refresh=value)
+
+
+@pytest.mark.parametrize("normalize", ["main", "sum"])
+def test_normalize_rescales_the_linear_weights_after_the_outer_step(tmp_path, normalize):
+    """The outer step is the same, then the weights are rescaled: W* is the same for c * w and w."""
+    common = {"weightings.auxilearn.auxnet": "@auxnets.linear", "weightings.auxilearn.outer_lr": 0.3,
+              "train.device": "'cpu'"}
+    free = run(tmp_path / "free", steps=2, **common)["weights"]
+    fixed = run(tmp_path / "fixed", steps=2, **common, **{"weightings.auxilearn.normalize": f"'{normalize}'"})["weights"]
+    scale = free["digit"] if normalize == "main" else sum(free.values()) / len(free)
+    assert fixed == pytest.approx({t: w / scale for t, w in free.items()}, rel=1e-5)
+    assert abs(scale - 1.0) > 1e-3  # the outer step did change the scale
+    assert (fixed["digit"] if normalize == "main" else sum(fixed.values())) == pytest.approx(
+        1.0 if normalize == "main" else len(fixed))
+
+
+def test_normalize_needs_a_linear_net_without_skip_main():
+    with pytest.raises(ConfigError, match="normalize = 'main' rescales a linear auxiliary network"):
+        run(steps=1, **{"weightings.auxilearn.auxnet": "@auxnets.nonlinear", "weightings.auxilearn.normalize": "'main'"})
+    with pytest.raises(ConfigError, match="must be one of"):
+        AuxiLearn(normalize="max")

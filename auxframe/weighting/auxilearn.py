@@ -42,6 +42,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 
 from auxframe import distributed, hypergrad
+from auxframe.auxnets import LinearAuxNet
 from auxframe.errors import ConfigError
 from auxframe.weighting.base import StepContext, TaskLosses, Weighting, WeightingSetup
 from auxframe.weighting.gradients import has_dropout
@@ -53,6 +54,7 @@ _MIXED = ("auto", "forward", "vjp", "jacobian")
 #: The settings that decide the outer step's execution path (:class:`OuterPath`), chosen at setup.
 PATH_SETTINGS = ("method", "curvature", "curvature_fraction", "mixed", "cuda_graph", "aux_batches")
 _ON_DIVERGENCE = "on_divergence"
+_NORMALIZE = (None, "main", "sum")
 _REPORT_AFTER = 20  # outer steps seen before "most outer steps diverge" is said (early transients pass)
 
 
@@ -120,6 +122,15 @@ class AuxiLearn(Weighting):
             generators of generated-label tasks.
         generator_lr: learning rate of the label generators' parameters in the outer optimizer
             (None: ``outer_lr``).
+        normalize: fix the scale of the linear network's weights after every outer step:
+            ``'main'`` divides them by the main task's weight (the main task stays at 1, the
+            auxiliary weights are relative to it), ``'sum'`` scales them to sum to T; None (default)
+            leaves them free, as the reference code does. The inner problem cannot tell the
+            weights ``c * w`` from ``w`` (``argmin_W sum_t c w_t L_t`` is the same for every
+            ``c > 0``), so their scale is not identified by the implicit gradient: it drifts with
+            whatever the truncated series, the inner optimizer's weight decay and Adam's
+            per-coordinate steps make of it (docs/synthetic.md). Linear networks without
+            ``skip_main`` only.
     """
 
     def __init__(
@@ -143,6 +154,7 @@ class AuxiLearn(Weighting):
         generator_lr: float | None = None,
         curvature_fraction: float = 1.0,
         cuda_graph: bool | str = False,
+        normalize: str | None = None,
     ):
         _check_choice("inner_params", inner_params, _INNER)
         _check_choice("outer_bn_mode", outer_bn_mode, _BN_MODES)
@@ -174,6 +186,9 @@ class AuxiLearn(Weighting):
         self.cuda_graph = cuda_graph
         self._graphed: GraphedHypergradient | None = None  # the captured hypergradient
         self.learn_auxnet, self.generator_lr = bool(learn_auxnet), generator_lr
+        if normalize not in _NORMALIZE:
+            raise ConfigError(f"weightings.auxilearn.normalize must be one of {_NORMALIZE}, got {normalize!r}.")
+        self.normalize = normalize
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self, info: WeightingSetup) -> None:
@@ -193,6 +208,12 @@ class AuxiLearn(Weighting):
         if not isinstance(self.auxnet, nn.Module):
             raise ConfigError(f"the auxiliary network factory returned {type(self.auxnet).__name__}, not an nn.Module.")
         self.generators = dict(info.label_generators)
+        if self.normalize is not None and not (isinstance(self.auxnet, LinearAuxNet) and not self.auxnet.skip_main):
+            raise ConfigError(
+                f"weightings.auxilearn.normalize = {self.normalize!r} rescales a linear auxiliary network's weights; "
+                f"this one is {type(self.auxnet).__name__}{' with skip_main' if getattr(self.auxnet, 'skip_main', False) else ''}. "
+                f"Use auxnets.linear without skip_main, or normalize = None."
+            )
         groups = self._outer_groups()
         self.outer_params = [p for g in groups for p in g["params"]]
         make_opt = self.outer_optimizer_factory or torch.optim.Adam
@@ -373,6 +394,7 @@ class AuxiLearn(Weighting):
         self.outer_optimizer.step()
         self.outer_optimizer.zero_grad(set_to_none=True)
         self.auxnet.project_()
+        self._normalize_weights()
         self.outer_steps += 1
         self._weights = self._effective_weights(matrix.detach())
         self._logs.update({
@@ -384,6 +406,16 @@ class AuxiLearn(Weighting):
         for task, source in self.generators.items():
             self._logs.update({f"labelgen/{task}/{k}": v for k, v in source.statistics().items()})
         self._track_divergence(result.diverging)  # (after the log of the alpha this step used)
+
+    def _normalize_weights(self) -> None:
+        """Rescale the linear network's weights so that the main one is 1 (``'main'``) or they sum
+        to T (``'sum'``); a zero scale (every weight projected to 0) is left as it is."""
+        if self.normalize is None:
+            return
+        w = self.auxnet.weights.detach()
+        scale = float(w[self.auxnet.main_index]) if self.normalize == "main" else float(w.sum()) / len(w)
+        if scale > 0:
+            self.auxnet.set_weights_(w / scale)
 
     def hypergradient(
         self, ctx: StepContext, train_losses: TaskLosses, outer_loss: torch.Tensor
