@@ -15,7 +15,7 @@ import sys
 from typing import Sequence
 
 #: The subcommands, each the module ``auxframe.commands.<name>``.
-COMMANDS: tuple[str, ...] = ("run", "validate", "sweep", "report", "ls", "cp", "list", "describe", "labels")
+COMMANDS: tuple[str, ...] = ("run", "validate", "sweep", "report", "probe", "ls", "cp", "list", "describe", "labels")
 
 
 def _parser() -> argparse.ArgumentParser:

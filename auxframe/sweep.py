@@ -70,10 +70,13 @@ class AxisValue:
         text: the value as gin text, e.g. ``"0.001"`` or ``"{'parity': 0.1, 'rotation': 0.0}"``.
         columns: summary column name -> gin text of what varies, e.g.
             ``{"weightings.fixed.weights['parity']": "0.1"}``.
+        label: the value's name in point names (default: made from ``text``), e.g. ``without-parity``
+            for a task list of an ablation (:mod:`auxframe.ablation`).
     """
 
     text: str
     columns: tuple[tuple[str, str], ...]
+    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -227,7 +230,7 @@ def grid_points(axes: Sequence[Axis]) -> list[Point]:
             if axis.entries:
                 parts += [f"{_slug(entry)}={_slug(text)}" for entry, (_, text) in zip(axis.entries, v.columns)]
             else:
-                parts.append(f"{label}={_slug(v.text)}")
+                parts.append(f"{label}={_slug(v.label or v.text)}")
         points.append(Point(
             name=",".join(parts) or "default",
             bindings=tuple(f"{k} = {v.text}" for a, v in zip(axes, combo) for k in a.keys),

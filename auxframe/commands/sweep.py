@@ -18,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", action="append", default=[], metavar="KEY=[V1, V2, ...]",
                    help="a swept parameter and its values, e.g. 'torch.optim.Adam.lr=[1e-3, 1e-2]', or a dict with "
                         "list entries swept entry by entry (repeatable; the points are the cartesian product)")
+    p.add_argument("--ablate", action="append", default=[], choices=("one-at-a-time", "leave-one-out"),
+                   help="sweep the task graph: the main task alone and with each auxiliary task (one-at-a-time), or "
+                        "every task and every task but one (leave-one-out); repeatable (auxframe.ablation)")
     p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                    help="also sweep the seeds: each sets train.seed and LowDataSplit.seed (the split)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
@@ -49,6 +52,10 @@ def main(args: argparse.Namespace) -> int:
     from auxframe.errors import ConfigError
 
     axes = [sweep.parse_grid(spec) for spec in args.grid]
+    if args.ablate:
+        from auxframe.ablation import ablation_axis
+
+        axes.insert(0, ablation_axis(args.gin, args.gin_param, args.ablate))
     if args.search != "grid":
         return _search(args, axes)
     if args.space or args.trials is not None:
@@ -56,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
     if args.seeds:
         axes.append(sweep.seeds_axis(args.seeds))
     if not axes:
-        raise ConfigError("nothing to sweep: give at least one --grid 'KEY=[V1, V2]' or --seeds.")
+        raise ConfigError("nothing to sweep: give at least one --grid 'KEY=[V1, V2]', --ablate or --seeds.")
     points = sweep.grid_points(axes)
     if args.dry_run:
         sweep.build_points(args.gin, args.gin_param, points)  # a config that does not parse is an error
