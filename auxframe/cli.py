@@ -45,6 +45,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = "\n".join(ln for ln in str(err).splitlines() if not ln.startswith("  In call to configurable"))
         print(f"auxframe: error: {message}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a plugin's own error while gin built it: one line naming the plugin
+        from auxframe.testing.dry import plugin_failure
+
+        failure = plugin_failure(exc)
+        if failure is None:
+            raise
+        print(f"auxframe: error: {failure}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as stop:
         print(f"auxframe: {stop or 'interrupted'}. Continue with --resume.", file=sys.stderr)
         return 130

@@ -36,6 +36,11 @@ class PluginLoadError(PluginError):
         )
 
 
+class ContractError(PluginError):
+    """A plugin breaks its kind's contract (checked by :mod:`auxframe.testing`, and before a run
+    writes anything): the message names the plugin, what is wrong and the fix."""
+
+
 class TaskGraphError(AuxframeError):
     """The declared tasks do not form a valid task graph (main task, names, heads, losses, labels)."""
 

@@ -38,7 +38,8 @@ from auxframe.registry import registry
 from auxframe.tasks import Task, TaskGraph, batch_groups
 from auxframe.strategy import Strategy
 from auxframe.trainer import ResolvedTask, Schedule, Trainer, check_same_graph
-from auxframe.weighting.base import Weighting, WeightingSetup
+from auxframe.testing import dry
+from auxframe.weighting.base import TaskLosses, Weighting, WeightingSetup
 
 
 @gin.configurable(denylist=["run_dir", "resume", "dry_run", "job_type"])
@@ -160,6 +161,7 @@ def train(
 
         device_ = strategy.device
         seed_everything(seed)
+        dry.check_dataset_for_run(dataset)  # the kit's shape checks, before the split reads it
         split_ = (split or gin.get_configurable(LowDataSplit)())(dataset)  # LowDataSplit.* bindings apply
         resolved = resolve_tasks(tasks, dataset)
         weighting = weighting if weighting is not None else registry.get("weightings", "equal")()
@@ -169,12 +171,14 @@ def train(
                             log_every, checkpoint_every, keep_checkpoints)
         main_pool = len(split_.pool(tasks.main.pool))  # PoolLoader drops each epoch's ragged end:
         main_batch = min(schedule.pool_batch_sizes.get(tasks.main.pool, batch_size), main_pool)
-        weighting.setup(WeightingSetup(
+        setup = WeightingSetup(
             main_task=tasks.main.name, aux_tasks=[t.name for t in tasks.aux], model=model,
             shared_parameters=model.shared_parameters(), device=device_, total_steps=steps,
             steps_per_epoch=main_pool // max(main_batch, 1),  # (an empty pool fails in its loader)
             has_aux_set=len(split_.aux) > 0, label_generators=generators,
-        ))
+        )
+        weighting.setup(setup)
+        dry.check_weighting_for_run(weighting, setup, lambda needed: dry_losses(model, tasks, resolved, dataset, needed))
         if weighting.outer_every and len(split_.aux) == 0:
             raise ConfigError(
                 f"weighting {type(weighting).__name__} takes outer steps on the held-out auxiliary set, but the "
@@ -337,26 +341,60 @@ def _dry_forward(net: nn.Module, input_shape) -> tuple[int, ...]:
 @torch.no_grad()
 def validate_outputs(model: MultiTaskModel, graph: TaskGraph, tasks: Mapping[str, ResolvedTask], dataset: Any) -> None:
     """Check, before training, that every head's output fits its loss, labels and metric."""
-    # A batch size that equals no output size, so that a mismatch cannot pass by broadcasting.
-    batch = next(b for b in (3, 5, 7, 11, 13) if all(r.num_outputs != b for r in tasks.values()))
     was = model.training
     model.eval()
     try:
-        for g in batch_groups(graph):
-            data = g.data if g.data is not None else dataset
-            images, labels = data.get_batch(torch.arange(min(batch, len(data))))
-            x, targets = images, {t: labels[tasks[t].labels] for t in g.tasks if tasks[t].labels}
-            for t in g.tasks:
-                if tasks[t].generator is not None:
-                    targets[t] = tasks[t].generator(images, targets[t], train=False)
-            if g.signal is not None:
-                x, y = g.signal(images, generator=None, train=False)
-                targets = {g.tasks[0]: y}
-            outputs = model(x, tasks=g.tasks)
-            for t in g.tasks:
+        for names, x, targets in dry_batches(graph, tasks, dataset):
+            outputs = model(x, tasks=names)
+            for t in names:
                 _check_task_output(t, outputs[t], targets[t], tasks[t], x.shape[0])
     finally:
         model.train(was)
+
+
+def dry_batches(graph: TaskGraph, tasks: Mapping[str, ResolvedTask], dataset: Any, needed: list[str] | None = None,
+                device: torch.device | None = None):
+    """One small evaluation batch per batch group, as training makes them: ``(tasks, inputs, targets)``.
+
+    The batch size equals no output size, so that a mismatch cannot pass by broadcasting.
+    """
+    batch = next(b for b in (3, 5, 7, 11, 13) if all(r.num_outputs != b for r in tasks.values()))
+    for g in batch_groups(graph, needed):
+        data = g.data if g.data is not None else dataset
+        images, labels = data.get_batch(torch.arange(min(batch, len(data))))
+        if device is not None:
+            images, labels = images.to(device), {k: v.to(device) for k, v in labels.items()}
+        x, targets = images, {t: labels[tasks[t].labels] for t in g.tasks if tasks[t].labels}
+        for t in g.tasks:
+            if tasks[t].generator is not None:
+                targets[t] = tasks[t].generator(images, targets[t], train=False)
+        if g.signal is not None:
+            x, y = g.signal(images, generator=None, train=False)
+            targets = {g.tasks[0]: y}
+        yield list(g.tasks), x, targets
+
+
+@torch.no_grad()
+def dry_losses(model: nn.Module, graph: TaskGraph, tasks: Mapping[str, ResolvedTask], dataset: Any,
+               needed: list[str]) -> TaskLosses:
+    """The unreduced losses of the tasks ``needed`` on one small evaluation batch per group.
+
+    Computed as validation computes them (eval mode, no graph, no training state touched); each
+    loss is then a leaf that requires grad, so that what a weighting builds from it can be checked.
+    """
+    device = next(model.parameters()).device
+    values, outputs, groups = {}, {}, []
+    was = model.training
+    model.eval()
+    try:
+        for names, x, targets in dry_batches(graph, tasks, dataset, needed, device):
+            out = model(x, tasks=names)
+            outputs.update(out)
+            values.update({t: tasks[t].loss(out[t], targets[t]).detach().requires_grad_() for t in names})
+            groups.append(names)
+    finally:
+        model.train(was)
+    return TaskLosses(values, graph.main.name, [t.name for t in graph.aux], groups, outputs=outputs)
 
 
 def _check_task_output(name: str, output: torch.Tensor, target: torch.Tensor, task: ResolvedTask, batch: int) -> None:

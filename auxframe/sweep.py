@@ -370,10 +370,17 @@ class PointRunner:
         from auxframe.experiment import train
 
         parse_point(self.gin_files, self.gin_params, point)
+        from auxframe.testing.dry import plugin_failure
+
         try:
             train(run_dir=path, resume=resume, job_type="sweep")
         except AuxframeError as err:  # e.g. a learning rate that diverges: report it, go on with the rest
             return PointResult(point, f"failed: {' '.join(str(err).split())}")
+        except Exception as exc:  # a plugin's own error while gin built it, as `auxframe run` reports it
+            failure = plugin_failure(exc)
+            if failure is None:
+                raise
+            return PointResult(point, f"failed: {failure}")
         return PointResult(point, "done", _read_metrics(path))
 
     def command(self, point: Point, resume: bool = False) -> list[str]:

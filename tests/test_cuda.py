@@ -179,7 +179,7 @@ def test_tf32_and_cudnn_benchmark_hold_during_the_run_and_are_put_back():
 
     gin.register(Probe, module="test_cuda")
     _run(None, 2, **{"train.weighting": "@test_cuda.Probe()", "train.tf32": "True"})
-    assert seen == [(True, True), (True, True)]
+    assert seen[1:] == [(True, True), (True, True)]  # seen[0]: the dry pass's combine (auxframe.testing.dry)
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark) == before
 
 
@@ -209,3 +209,31 @@ def test_auxilearn_cuda_graph_auto_applies_on_the_gpu_and_equals_eager(tmp_path)
         assert not [w for w in record if str(w.message).startswith("AuxiLearn")], graph
     for task, w in results["False"]["weights"].items():
         assert results["'auto'"]["weights"][task] == pytest.approx(w, rel=1e-3, abs=1e-4), task
+
+
+# -- the contract kit on the GPU: device placement is where plugins break -----------------------------
+def _builtin(kind):
+    from auxframe.testing.plugin import installed
+
+    return installed(kind, ["auxframe"])
+
+
+@pytest.mark.parametrize("plugin", _builtin("weightings") + _builtin("backbones") + _builtin("heads"),
+                         ids=lambda p: p.qualified_name)
+def test_every_builtin_plugin_keeps_its_contract_on_cuda(plugin):
+    from auxframe.testing import check_backbone, check_head, check_weighting
+
+    from test_contracts import PARAMS
+
+    check = {"weightings": check_weighting, "backbones": check_backbone, "heads": check_head}[plugin.kind]
+    check(plugin, device="cuda", **PARAMS.get(plugin.qualified_name, {}))
+
+
+def test_the_kit_catches_state_left_on_the_cpu():
+    from auxframe.errors import ContractError
+    from auxframe.testing import check_weighting
+
+    import contract_fixtures as cf
+
+    with pytest.raises(ContractError, match=r"its state 'running' is on cpu while the model is on cuda"):
+        check_weighting(cf.StateOnTheCpu, device="cuda")

@@ -88,8 +88,8 @@ def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
 STROKE_THRESHOLD = 6
 
 DENSE_FIELDS: dict[str, LabelField] = {
-    "stroke": LabelField(2, "per pixel: 1 where the pen wrote, 0 on background"),
-    "digit_map": LabelField(11, "per pixel: 0 on background, 1 + digit on stroke pixels"),
+    "stroke": LabelField(2, "per pixel: 1 where the pen wrote, 0 on background", kind="dense_class"),
+    "digit_map": LabelField(11, "per pixel: 0 on background, 1 + digit on stroke pixels", kind="dense_class"),
 }
 
 
