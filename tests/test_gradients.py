@@ -254,17 +254,21 @@ def test_a_gramian_weighting_of_the_wrong_shape_is_named():
 
 
 # -- one Gramian row (OL_AUX) and the update that reuses it; GradNorm's update -------------------
-@pytest.mark.parametrize("jvp", ["forward", "reverse"])
-def test_one_gramian_row_and_the_update_equal_the_full_gramians_numbers(jvp):
-    # main, a, b share a batch (one forward-mode pass along g_main); rot is alone on its own batch
-    # (its gradient by the backward that the update then reuses).
+@pytest.mark.parametrize("jvp, forward_min", [("forward", 1), ("forward", 4), ("reverse", 1)])
+def test_one_gramian_row_and_the_update_equal_the_full_gramians_numbers(jvp, forward_min, monkeypatch):
+    # main, a, b share a batch (one forward-mode pass along g_main where at least forward_min of
+    # the row's tasks share it, else one backward each); rot is alone on its own batch (its
+    # gradient by the backward that the update then reuses).
+    import auxframe.weighting.gradients as gradients
+
+    monkeypatch.setattr(gradients, "ROW_FORWARD_MIN", forward_min)
     model, losses, ctx = make_step(seed=9)
     jac = explicit_jacobian(losses, ctx.shared_parameters)
     engine = TaskGradients(losses, ctx, jvp=jvp)
     row = engine.gramian_row("main", TASKS[1:])
     torch.testing.assert_close(row, jac[1:] @ jac[0], rtol=1e-4, atol=1e-6 * float((jac @ jac.T).abs().max()))
     assert not engine._jacobians  # no Jacobian, no T x T Gramian
-    assert "rot" in engine._rows and ("a" in engine._rows) == (jvp == "reverse")
+    assert "rot" in engine._rows and ("a" in engine._rows) == (jvp == "reverse" or forward_min > 2)  # (a, b: 2 tasks)
     shared = {"main": 1.0, "a": 0.5, "b": 0.0, "rot": torch.tensor(2.0)}
     engine.backward(shared, shared)
     got = torch.cat([p.grad.reshape(-1) for p in ctx.shared_parameters])

@@ -262,9 +262,9 @@ class OLAux(_Coefficients):
     onto ``{w >= 0, sum_k w_k = K}`` (ARML's set: the weights then only redistribute a fixed
     budget, starting from 1 each). Neither is in the paper; both are off by default.
     The inner products are one row of the Gramian (:meth:`TaskGradients.gramian_row`): ``g_main``
-    by one backbone pass, the tasks on a batch by one forward-mode pass along it, whatever their
-    number; a task alone on its batch (a self-supervised task) by the backward its update needs
-    anyway.
+    by one backbone pass, four or more tasks on a batch by one forward-mode pass along it, whatever
+    their number; fewer, or a task alone on its batch (a self-supervised task), by the backward
+    each one's update needs anyway.
 
     Args:
         horizon: steps per weight update (the paper's N).
@@ -297,9 +297,9 @@ class OLAux(_Coefficients):
 
     def backward(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
         engine = self.engine(losses, ctx)
-        # One row of the Gramian, <g_main, g_k>: g_main by one backbone pass, the tasks sharing a
-        # batch by one forward-mode pass along it (constant in their number), a task alone on its
-        # batch by the backward the update reuses (TaskGradients.gramian_row).
+        # One row of the Gramian, <g_main, g_k>: g_main by one backbone pass, many tasks sharing a
+        # batch by one forward-mode pass along it (constant in their number), a few or a task alone
+        # on its batch by the backwards the update reuses (TaskGradients.gramian_row).
         self.acc += engine.gramian_row(self.main_task, self.aux_tasks)
         self.count += 1
         w = self.w
