@@ -143,9 +143,10 @@ def parse(gin_files: Sequence[str | Path], bindings: Sequence[str] = (), finaliz
         if type(err) is PluginError:  # unknown or ambiguous name: a config mistake
             raise ConfigError(str(err)) from None
         raise
-    for p in [*paths, CONFIGS]:
-        if str(p) not in gin_config._LOCATION_PREFIXES:  # noqa: SLF001
-            gin.add_config_file_search_path(str(p))
+    # gin looks an include up in its search paths, in order: make them this parse's, exactly, so that
+    # gin reads the files the scan found (folders left by earlier parses in this process would
+    # otherwise come first; gin has no public call to remove one).
+    gin_config._LOCATION_PREFIXES[:] = list(dict.fromkeys(["", *(str(p) for p in [*paths, CONFIGS])]))  # noqa: SLF001
     quiet = _DropGinPathProbes()
     logging.getLogger().addFilter(quiet)
     try:

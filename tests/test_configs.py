@@ -89,3 +89,19 @@ def test_a_recipe_is_named_on_the_command_line_from_any_folder(tmp_path, monkeyp
     assert config.resolve_gin_file("quickstart.gin") == Path("quickstart.gin")
     with pytest.raises(ConfigError, match="auxframe ls"):
         config.resolve_gin_file("no_such_recipe.gin")
+
+
+def test_an_include_reads_what_this_parse_finds_not_an_earlier_parse_folder(tmp_path, monkeypatch):
+    """A folder searched by an earlier parse in the same process does not shadow the shipped recipe."""
+    earlier = tmp_path / "earlier"
+    (earlier / "base").mkdir(parents=True)
+    (earlier / "base" / "train.gin").write_text("# not the shipped one\ntrain.steps = 7\n")
+    (earlier / "exp.gin").write_text("include 'quickstart.gin'\ninclude 'base/train.gin'\n")
+    config.parse([earlier / "exp.gin"], [])
+    assert gin.query_parameter("train.steps") == 7  # its own folder's base/train.gin comes before the shipped one
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "exp.gin").write_text("include 'quickstart.gin'\n")
+    monkeypatch.chdir(mine)
+    config.parse([mine / "exp.gin"], [])
+    assert gin.query_parameter("train.steps") == 1_500  # the shipped base/train.gin again
