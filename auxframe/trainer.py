@@ -245,6 +245,17 @@ class Trainer:
             if stream is not None:
                 stream.close()
 
+    def _load_signal_rng(self, key: str, state: torch.Tensor) -> None:
+        """Restore a signal's generator (on the training device) from a checkpoint."""
+        try:
+            self.signal_rngs[key].set_state(state)
+        except RuntimeError as exc:  # a CPU generator's state is 5,056 bytes, a CUDA one's 16
+            raise CheckpointError(
+                f"the checkpoint's random state of '{key}' was saved on another kind of device than "
+                f"{self.device.type} (signals draw on the training device); resume with the train.device "
+                f"of the run that wrote it."
+            ) from exc
+
     def _group_batch(self, group: BatchGroup, images: torch.Tensor, labels: dict, train: bool, rng=None,
                      label_grad: bool = False):
         """Inputs and per-task targets of one group's batch (applying its signal or label generator).
@@ -501,7 +512,7 @@ class Trainer:
         by_rank = state.get("signal_rngs_by_rank") or [state["signal_rngs"]]
         if self.rank < len(by_rank):  # a rank the saved run did not have keeps its fresh seeding
             for k, s in by_rank[self.rank].items():
-                self.signal_rngs[k].set_state(s)
+                self._load_signal_rng(k, s)
         for t, s in state.get("label_generators", {}).items():
             self.tasks[t].generator.load_state_dict(s)
         _set_rng_state(state["rng"])

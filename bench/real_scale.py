@@ -86,6 +86,7 @@ SETTINGS = {
 #: gin files of the weightings whose recipe is not ``weightings/<name>.gin``.
 WEIGHTING_FILES = {"auxilearn": "weightings/auxilearn_linear.gin"}
 GOAL_TAX, GOAL_DATA, GOAL_BF16 = 1.05, 0.10, 1.7
+cpu_times: dict[str, list[float]] = {}  # the last interleaved run's main-process CPU seconds per step
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
@@ -393,8 +394,11 @@ def quartiles(xs: list[float]) -> tuple[float, float]:
 def interleaved(sides: dict[str, Callable[[int], float]], args, device, before: dict[str, Callable[[], None]] | None = None):
     """Warm each side up, then blocks of ``args.steps`` steps side after side, the order reversed every round.
 
-    Returns per side the list of (seconds per step, data-wait seconds per step) of its blocks.
+    Returns per side the list of (seconds per step, data-wait seconds per step) of its blocks; the
+    main process's CPU seconds per step of each block go to ``cpu_times`` (a cross-check that other
+    processes on the machine do not move: on the CPU the workers' own time is not in it).
     """
+    cpu_times.clear()
     for name, run in sides.items():
         if before and name in before:
             before[name]()
@@ -412,10 +416,11 @@ def interleaved(sides: dict[str, Callable[[int], float]], args, device, before: 
             if before and name in before:
                 before[name]()
             _sync(device)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             waited = sides[name](args.steps)
             _sync(device)
             times[name].append(((time.perf_counter() - start) / args.steps, waited / args.steps))
+            cpu_times.setdefault(name, []).append((time.process_time() - cpu) / args.steps)
     return times
 
 
@@ -435,8 +440,10 @@ def report(times, images_per_step: int, reference: str | None = None) -> None:
             continue
         pair = [t / r for (t, _), (r, _) in zip(blocks, ref)]
         q1, q3 = quartiles(pair)
+        cpu = [t / r for t, r in zip(cpu_times[name], cpu_times[reference])]
         print(f"step time {name} / {reference} = {statistics.median(pair):.3f} (median of {len(pair)} pairs of "
-              f"blocks; IQR {q1:.3f}-{q3:.3f}, min-max {min(pair):.3f}-{max(pair):.3f})")
+              f"blocks; IQR {q1:.3f}-{q3:.3f}, min-max {min(pair):.3f}-{max(pair):.3f}); main-process CPU time "
+              f"{statistics.median(cpu):.3f}")
 
 
 def section_throughput(args, root: Path, device: torch.device) -> None:

@@ -186,3 +186,16 @@ def test_resume_with_workers_ends_as_the_uninterrupted_run_without_them(tmp_path
     rows = [__import__("json").loads(r) for r in (tmp_path / "split" / "scalars.jsonl").read_text().splitlines()]
     timed = [r for r in rows if "time/step" in r]
     assert timed and all(0.0 <= r["time/data"] <= r["time/step"] for r in timed)
+
+
+def test_resuming_a_run_of_another_device_kind_is_a_clear_error(tmp_path):
+    from auxframe.checkpoint import latest_checkpoint, load_checkpoint
+    from auxframe.errors import CheckpointError
+
+    run(tmp_path / "r", 2, workers=0)
+    path = latest_checkpoint(tmp_path / "r")
+    state = load_checkpoint(path)
+    state["signal_rngs"] = {k: torch.zeros(16, dtype=torch.uint8) for k in state["signal_rngs"]}  # a CUDA generator's
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="random state of 'labels@labeled' was saved on another kind of device than cpu"):
+        run(tmp_path / "r", 4, workers=0, resume=True)
