@@ -111,6 +111,8 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_exits_clearly(tmp_pa
     from auxframe.cli import main
 
     run_dir = tmp_path / "run"
+    # what was installed before (SIG_IGN for SIGINT in a job started in the background by a shell)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     code = main(cli_command(run_dir, 100, "train.weighting = @Interrupted()", f"Interrupted.signum = {int(signum)}")[3:])
     err = capsys.readouterr().err
     assert code == 130
@@ -118,7 +120,7 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_exits_clearly(tmp_pa
            f"Continue with --resume." in err
     assert load_checkpoint(latest_checkpoint(run_dir))["step"] == 3
     assert not (run_dir / "metrics.json").exists() and not list((run_dir / "checkpoints").glob(".tmp-*"))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert {s: signal.getsignal(s) for s in before} == before  # the handlers are put back
 
 
 #: Runs the real CLI with torch.save slowed down inside the 2nd checkpoint write: half the bytes are
