@@ -73,7 +73,7 @@ class TorchJDWeighting(GramianWeighting):
 
     def build(self, num_tasks: int):
         """The TorchJD weighting for ``num_tasks`` tasks (main first)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define build(num_tasks), the TorchJD weighting it wraps")
 
     def setup(self, info: WeightingSetup) -> None:
         super().setup(info)
