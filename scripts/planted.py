@@ -8,12 +8,19 @@ is never run again, so the grid can be stopped and continued.
 
     python scripts/planted.py run --methods stl,equal,arml,auxilearn_linear
     python scripts/planted.py report                  # the table of docs/synthetic.md
+    python scripts/planted.py seeds --methods arml,auxilearn_linear   # per seed, with diagnostics
     python scripts/planted.py commands                # the sweep command of every method
 
 ``report`` prints, per method, the main task's test accuracy (best-on-validation state; mean and 95%
 t interval over the seeds, and the paired difference to Equal), the mean final weight of each task
 kind with its range over the seeds, and in how many seeds the noise and the adversarial task end
-with the two lowest auxiliary weights (both below the helpful and the redundant task).
+with the two lowest auxiliary weights (both below the helpful and the redundant task). ``seeds``
+prints the same per seed, with each run's diagnostics (AuxiLearn: how often its Neumann series
+diverged; ARML: how steadily each weight's gradient pushes it).
+
+``auxframe report`` gives the accuracy columns and the mean final weights too, but not the weights
+per task kind with their spread, the separation count or these diagnostics, which is what this
+benchmark is read by.
 """
 
 from __future__ import annotations
@@ -66,6 +73,14 @@ METHODS: dict[str, Method] = {
     "auxilearn_linear": Method("AuxiLearn (linear)", "weightings/auxilearn_linear.gin"),
     "auxilearn_linear_stale_alpha": Method("AuxiLearn (linear, alpha estimated once)", "weightings/auxilearn_linear.gin",
                                            ("weightings.auxilearn.alpha_refresh = 0",)),
+    "auxilearn_official": Method("AuxiLearn (linear, official SGD outer step)", "weightings/auxilearn_official.gin"),
+    "auxilearn_official_main": Method("AuxiLearn (linear, official SGD outer step, normalize='main')",
+                                      "weightings/auxilearn_official.gin", ("weightings.auxilearn.normalize = 'main'",)),
+    "auxilearn_linear_free": Method("AuxiLearn (linear, scale free)", "weightings/auxilearn_linear.gin",
+                                    ("weightings.auxilearn.normalize = None",)),
+    "auxilearn_linear_shared": Method("AuxiLearn (linear, W = backbone)", "weightings/auxilearn_linear.gin",
+                                      ("weightings.auxilearn.inner_params = 'shared'",)),
+    "arml_langevin": Method("ARML (Algorithm 1, Langevin burn-in)", "weightings/arml_langevin.gin"),
     "auxilearn_nonlinear": Method("AuxiLearn (nonlinear)", "weightings/auxilearn_nonlinear.gin"),
 }
 
@@ -132,9 +147,52 @@ def report(names: list[str], out: Path) -> str:
     return "\n".join(lines)
 
 
+def per_seed(names: list[str], out: Path) -> str:
+    """One row per method and seed: the final weight of each task kind, whether noise and
+    adversarial are the two lowest, and the run's own diagnostics from ``scalars.jsonl``: for
+    AuxiLearn the fraction of outer steps whose Neumann series diverged, for ARML the mean of each
+    weight's gradient over the weight updates divided by its standard deviation (near 0: the
+    weight random-walks; large: a steady push)."""
+    lines = ["| weighting | seed | main | helpful | redundant | noise | adversarial | lowest | diagnostics |",
+             "|" + "---|" * 9]
+    for name in names:
+        for seed, m in sorted(results(name, out).items()):
+            w = m["weights"]
+            if not all(t in w for t in KINDS):
+                continue
+            cells = " | ".join(f"{w[t]:.2f}" for t in ("main", *KINDS))
+            lines.append(f"| {METHODS[name].label} | {seed} | {cells} | {'yes' if separated(w) else 'no'} "
+                         f"| {diagnostics(out / name / f'seed={seed}')} |")
+    return "\n".join(lines)
+
+
+def diagnostics(run_dir: Path) -> str:
+    """The run's diagnostic line for :func:`per_seed` (empty for methods without one)."""
+    scalars = run_dir / "scalars.jsonl"
+    if not scalars.is_file():
+        return ""
+    rows = [json.loads(line) for line in scalars.read_text().splitlines() if line.strip()]
+    diverged = [r["auxilearn/diverged_fraction"] for r in rows if "auxilearn/diverged_fraction" in r]
+    if diverged:
+        return f"series diverged in {100 * diverged[-1]:.0f}% of outer steps"
+    grads: dict[str, list[float]] = {}
+    for r in rows:
+        for key, value in r.items():
+            if key.startswith("arml/weight_grad/"):
+                grads.setdefault(key.removeprefix("arml/weight_grad/"), []).append(value)
+    parts = []
+    for task in KINDS:
+        g = grads.get(task, [])
+        if len(g) > 1:
+            mean = sum(g) / len(g)
+            std = (sum((x - mean) ** 2 for x in g) / (len(g) - 1)) ** 0.5
+            parts.append(f"{task.split('_')[0]} {mean / std if std else float('inf'):+.2f}")
+    return ("dL/dw mean/sd: " + ", ".join(parts)) if parts else ""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["run", "report", "commands"])
+    parser.add_argument("action", choices=["run", "report", "seeds", "commands"])
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated names (default: all)")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("sweeps/planted"))
@@ -147,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         run(names, args.out, args.seeds)
     elif args.action == "report":
         print(report(names, args.out))
+    elif args.action == "seeds":
+        print(per_seed(names, args.out))
     else:
         print("\n".join(shlex.join(sweep_command(n, args.out, args.seeds)) for n in names))
 

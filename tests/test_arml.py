@@ -511,3 +511,6 @@ def test_every_arml_update_gets_a_log_row_between_log_intervals(tmp_path):
     weight_steps = [r["step"] for r in rows if "weight/rotation" in r and "train/digit/loss" not in r]
     assert weight_steps == [1, 4, 7]  # updates before steps 0, 3, 6 (0-based) = after steps 1, 4, 7
     assert all("arml/objective" in r for r in rows if r["step"] in weight_steps)
+    for r in (r for r in rows if r["step"] in weight_steps):  # df/dw_k per task, their norm the one logged
+        per_task = [r[f"arml/weight_grad/{t}"] for t in ("rotation", "parity", "ge5")]
+        assert sum(g * g for g in per_task) ** 0.5 == pytest.approx(r["arml/weight_grad_norm"], rel=1e-5)

@@ -110,3 +110,16 @@ def test_normalize_needs_a_linear_net_without_skip_main():
         run(steps=1, **{"weightings.auxilearn.auxnet": "@auxnets.nonlinear", "weightings.auxilearn.normalize": "'main'"})
     with pytest.raises(ConfigError, match="must be one of"):
         AuxiLearn(normalize="max")
+
+
+def test_official_recipe_steps_phi_by_sgd_as_the_authors_trainers(tmp_path):
+    """weightings/auxilearn_official.gin: SGD(lr=1e-3, momentum=.9, weight_decay=1e-4) on phi,
+    the hypergradient clipped at 25 (experiments/nyuv2/trainer.py), the weights' scale left free."""
+    from auxframe.checkpoint import latest_checkpoint, load_checkpoint
+
+    run(tmp_path / "r", steps=2, files=("experiments/synthetic_equal.gin", "weightings/auxilearn_official.gin"),
+        **{"weightings.auxilearn.outer_every": 1, "train.device": "'cpu'"})
+    state = load_checkpoint(latest_checkpoint(tmp_path / "r"))["weighting"]
+    group = state["outer_optimizer"]["param_groups"][0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (1e-3, 0.9, 1e-4)
+    assert all("momentum_buffer" in s for s in state["outer_optimizer"]["state"].values())  # SGD's, not Adam's

@@ -151,7 +151,10 @@ class ARML(Weighting):
         with torch.no_grad():
             self.w.copy_(project_to_simplex(self.w, float(len(self.aux_tasks))))
         self.updates += 1
-        self._logs = {"arml/objective": float(objective), "arml/weight_grad_norm": float(grad.norm())}
+        self._logs = {"arml/objective": float(objective), "arml/weight_grad_norm": float(grad.norm()),
+                      # per task: how steadily each weight is pushed (its mean over the updates
+                      # against its spread says whether the weights follow a signal or a random walk)
+                      **{f"arml/weight_grad/{t}": float(g) for t, g in zip(self.aux_tasks, grad.tolist())}}
 
     # -- the protocol ----------------------------------------------------------------------------
     def combine(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
