@@ -80,6 +80,10 @@ METHODS: dict[str, Method] = {
                                     ("weightings.auxilearn.normalize = None",)),
     "auxilearn_linear_shared": Method("AuxiLearn (linear, W = backbone)", "weightings/auxilearn_linear.gin",
                                       ("weightings.auxilearn.inner_params = 'shared'",)),
+    "arml_gramian": Method("ARML (log_gramian: the same run, with gradient norms and cosines)", "weightings/arml.gin",
+                           ("weightings.arml.log_gramian = True",)),
+    "arml_official_gramian": Method("ARML (official schedule, log_gramian)", "weightings/arml_official.gin",
+                                    ("weightings.arml.log_gramian = True",)),
     "arml_langevin": Method("ARML (Algorithm 1, Langevin burn-in)", "weightings/arml_langevin.gin"),
     "auxilearn_nonlinear": Method("AuxiLearn (nonlinear)", "weightings/auxilearn_nonlinear.gin"),
 }
@@ -187,7 +191,15 @@ def diagnostics(run_dir: Path) -> str:
             mean = sum(g) / len(g)
             std = (sum((x - mean) ** 2 for x in g) / (len(g) - 1)) ** 0.5
             parts.append(f"{task.split('_')[0]} {mean / std if std else float('inf'):+.2f}")
-    return ("dL/dw mean/sd: " + ", ".join(parts)) if parts else ""
+    line = ("dL/dw mean/sd: " + ", ".join(parts)) if parts else ""
+    gram = []
+    for task in ("main", *KINDS):
+        norms = [r[f"arml/grad_norm/{task}"] for r in rows if f"arml/grad_norm/{task}" in r]
+        cosines = [r[f"arml/cos/{task}"] for r in rows if f"arml/cos/{task}" in r]
+        if norms:
+            cos = f", cos {sum(cosines) / len(cosines):+.2f}" if cosines else ""
+            gram.append(f"{task.split('_')[0]} ‖g‖ {sum(norms) / len(norms):.2f}{cos}")
+    return "; ".join(x for x in (line, "mean over updates: " + ", ".join(gram) if gram else "") if x)
 
 
 def main(argv: list[str] | None = None) -> None:

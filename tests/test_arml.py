@@ -514,3 +514,34 @@ def test_every_arml_update_gets_a_log_row_between_log_intervals(tmp_path):
     for r in (r for r in rows if r["step"] in weight_steps):  # df/dw_k per task, their norm the one logged
         per_task = [r[f"arml/weight_grad/{t}"] for t in ("rotation", "parity", "ge5")]
         assert sum(g * g for g in per_task) ** 0.5 == pytest.approx(r["arml/weight_grad_norm"], rel=1e-5)
+
+
+def test_log_gramian_logs_norms_and_cosines_that_make_the_weight_gradient(tmp_path):
+    """With one auxiliary task at the first update (w = 1), df/dw = -2 <g_main - g_aux, g_aux>
+    = -2 (cos ||g_main|| ||g_aux|| - ||g_aux||^2): the logged norms and cosine give it back. The
+    diagnostic does not change what is trained."""
+    import json
+
+    import gin
+
+    from auxframe import config
+    from auxframe.experiment import train
+    from helpers import GIN, quick_bindings
+
+    def go(name, **extra):
+        gin.clear_config()
+        config.parse([GIN / "quickstart.gin", GIN / "models/mlp.gin"], quick_bindings(steps=4, **{
+            "train.weighting": "@weightings.arml()", "weightings.arml.update_every": 2, "train.log_every": 100,
+            "backbones.mlp.hidden": "(16,)", "LowDataSplit.labels_per_class": 3,
+            "TaskGraph.tasks": "[@digit/Task(), @parity/Task()]", **extra}))
+        result = train(run_dir=tmp_path / name)
+        rows = [json.loads(line) for line in (tmp_path / name / "scalars.jsonl").read_text().splitlines()]
+        return result, [r for r in rows if "arml/weight_grad/parity" in r]
+
+    plain, _ = go("plain")
+    logged, rows = go("logged", **{"weightings.arml.log_gramian": True})
+    assert logged["weights"] == plain["weights"] and logged["test"] == plain["test"]
+    first = rows[0]
+    n_main, n_aux, cos = first["arml/grad_norm/digit"], first["arml/grad_norm/parity"], first["arml/cos/parity"]
+    assert n_main > 0 and n_aux > 0 and -1 <= cos <= 1
+    assert first["arml/weight_grad/parity"] == pytest.approx(-2 * (cos * n_main * n_aux - n_aux ** 2), rel=1e-4)

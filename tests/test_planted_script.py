@@ -85,8 +85,10 @@ def test_per_seed_rows_carry_each_runs_diagnostics(planted, tmp_path):
     useful = {"helpful_0": 1.2, "redundant_0": 1.1}
     write_point(tmp_path, "arml", 0, 0.6, {**useful, "noise_0": 0.9, "adversarial_0": 0.8})
     # ARML: the noise weight's gradient 1, 3 (mean 2, sd sqrt(2)); the helpful one's -1, -1, -1 (sd 0)
-    rows = [{"step": 1, "arml/weight_grad/noise_0": 1.0, "arml/weight_grad/helpful_0": -1.0},
-            {"step": 21, "arml/weight_grad/noise_0": 3.0, "arml/weight_grad/helpful_0": -1.0}]
+    rows = [{"step": 1, "arml/weight_grad/noise_0": 1.0, "arml/weight_grad/helpful_0": -1.0,
+             "arml/grad_norm/main": 0.5, "arml/grad_norm/noise_0": 2.0, "arml/cos/noise_0": 0.1},
+            {"step": 21, "arml/weight_grad/noise_0": 3.0, "arml/weight_grad/helpful_0": -1.0,
+             "arml/grad_norm/main": 0.1, "arml/grad_norm/noise_0": 4.0, "arml/cos/noise_0": -0.3}]
     (tmp_path / "arml" / "seed=0" / "scalars.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
     write_point(tmp_path, "auxilearn_linear", 3, 0.6, {**useful, "noise_0": 1.5, "adversarial_0": 0.0})
     rows = [{"step": 20, "auxilearn/diverged_fraction": 0.5}, {"step": 40, "auxilearn/diverged_fraction": 0.25}]
@@ -94,7 +96,7 @@ def test_per_seed_rows_carry_each_runs_diagnostics(planted, tmp_path):
     lines = planted.per_seed(["arml", "auxilearn_linear"], tmp_path).splitlines()
     arml = [c.strip() for c in lines[2].split("|")[1:-1]]
     assert arml[:8] == ["ARML", "0", "1.00", "1.20", "1.10", "0.90", "0.80", "yes"]
-    assert arml[8] == "dL/dw mean/sd: helpful +inf, noise +1.41"
+    assert arml[8] == "dL/dw mean/sd: helpful +inf, noise +1.41; mean over updates: main ‖g‖ 0.30, noise ‖g‖ 3.00, cos -0.10"
     auxilearn = [c.strip() for c in lines[3].split("|")[1:-1]]
     assert auxilearn[1] == "3" and auxilearn[7] == "no"  # noise above both useful tasks
     assert auxilearn[8] == "series diverged in 25% of outer steps"  # the last value logged

@@ -76,6 +76,10 @@ class ARML(Weighting):
         freeze_model_on_update: on a weight-update step, update only the weights: the model gets
             no gradient and is not stepped (its optimizer skips parameters without ``.grad``), as
             in the official code. Off by default (the model steps on every step).
+        log_gramian: at every weight update also log each task's gradient norm
+            (``arml/grad_norm/<task>``) and each auxiliary gradient's cosine with the main one
+            (``arml/cos/<task>``), from the tasks' Jacobian (one backward pass per task): to see
+            why the weights go where they go. Off by default.
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class ARML(Weighting):
         seed: int = 0,
         first_update: int = 0,
         freeze_model_on_update: bool = False,
+        log_gramian: bool = False,
     ):
         if int(update_every) < 1:
             raise ConfigError(f"weightings.arml.update_every must be >= 1, got {update_every}.")
@@ -113,6 +118,7 @@ class ARML(Weighting):
         self.update_every = int(update_every)
         self.first_update = first_update
         self.freeze_model_on_update = bool(freeze_model_on_update)
+        self.log_gramian = bool(log_gramian)
         self.weight_optimizer_factory = weight_optimizer or torch.optim.Adam
         self.weight_lr = float(weight_lr)
         self.algorithm, self.burn_in, self.noise_std = algorithm, int(burn_in), float(noise_std)
@@ -151,10 +157,27 @@ class ARML(Weighting):
         with torch.no_grad():
             self.w.copy_(project_to_simplex(self.w, float(len(self.aux_tasks))))
         self.updates += 1
+        if self.log_gramian:
+            gram = self._gramian_logs(losses, ctx)
         self._logs = {"arml/objective": float(objective), "arml/weight_grad_norm": float(grad.norm()),
                       # per task: how steadily each weight is pushed (its mean over the updates
                       # against its spread says whether the weights follow a signal or a random walk)
                       **{f"arml/weight_grad/{t}": float(g) for t, g in zip(self.aux_tasks, grad.tolist())}}
+        if self.log_gramian:
+            self._logs.update(gram)
+
+    def _gramian_logs(self, losses: TaskLosses, ctx: StepContext) -> dict[str, float]:
+        """Each task's gradient norm and each auxiliary gradient's cosine with the main one, in the
+        weights' space: what ARML's objective is made of (``f(w) = ||g_main - sum_k w_k g_k||^2``)."""
+        tasks = [self.main_task, *self.aux_tasks]
+        engine = TaskGradients.of(losses, ctx, space=self.space, jvp="reverse")
+        gram = engine.gramian(tasks).detach().double()
+        norms = gram.diagonal().clamp_min(0).sqrt()
+        logs = {f"arml/grad_norm/{t}": float(n) for t, n in zip(tasks, norms)}
+        for i, t in enumerate(self.aux_tasks, start=1):
+            denominator = float(norms[0] * norms[i])
+            logs[f"arml/cos/{t}"] = float(gram[0, i]) / denominator if denominator > 0 else 0.0
+        return logs
 
     # -- the protocol ----------------------------------------------------------------------------
     def combine(self, losses: TaskLosses, ctx: StepContext) -> torch.Tensor:
