@@ -12,7 +12,7 @@ is never run again, so the grid can be stopped and continued.
     python scripts/planted.py commands                # the sweep command of every method
 
 ``report`` prints, per method, the main task's test accuracy (best-on-validation state; mean and 95%
-t interval over the seeds, and the paired difference to Equal), the mean final weight of each task
+t interval over the seeds, and the paired differences to STL, STL+ and Equal over the same seeds), the mean final weight of each task
 kind with its range over the seeds, and in how many seeds the noise and the adversarial task end
 with the two lowest auxiliary weights (both below the helpful and the redundant task). ``seeds``
 prints the same per seed, with each run's diagnostics (AuxiLearn: how often its Neumann series
@@ -51,6 +51,7 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "stl": Method("STL", "weightings/stl.gin"),
+    "stl_plus": Method("STL+", "weightings/stl.gin", ("main/Task.pool = 'labeled+aux'",)),
     "equal": Method("Equal", "weightings/equal.gin"),
     "arml": Method("ARML", "weightings/arml.gin"),
     "arml_official": Method("ARML (official schedule)", "weightings/arml_official.gin"),
@@ -85,6 +86,23 @@ METHODS: dict[str, Method] = {
     "arml_official_gramian": Method("ARML (official schedule, log_gramian)", "weightings/arml_official.gin",
                                     ("weightings.arml.log_gramian = True",)),
     "arml_langevin": Method("ARML (Algorithm 1, Langevin burn-in)", "weightings/arml_langevin.gin"),
+    "auxilearn_aux20": Method("AuxiLearn (linear, auxiliary set of 20 per class)", "weightings/auxilearn_linear.gin",
+                              ("LowDataSplit.aux_per_class = 20",)),
+    "auxilearn_gauss_newton": Method("AuxiLearn (linear, Gauss-Newton curvature)", "weightings/auxilearn_linear.gin",
+                                     ("weightings.auxilearn.curvature = 'gauss_newton'",)),
+    "auxilearn_every5": Method("AuxiLearn (linear, outer step every 5, lr 0.03)", "weightings/auxilearn_linear.gin",
+                               ("weightings.auxilearn.outer_every = 5", "weightings.auxilearn.outer_lr = 0.03")),
+    "auxilearn_500": Method("AuxiLearn (linear, 500 steps)", "weightings/auxilearn_linear.gin", ("train.steps = 500",)),
+    "arml_500": Method("ARML (500 steps)", "weightings/arml.gin", ("train.steps = 500",)),
+    "arml_every1": Method("ARML (a weight step every step, lr 0.01)", "weightings/arml.gin",
+                          ("weightings.arml.update_every = 1", "weightings.arml.weight_lr = 0.01")),
+    "auxilearn_lr003": Method("AuxiLearn (linear, outer_lr 0.03)", "weightings/auxilearn_linear.gin",
+                              ("weightings.auxilearn.outer_lr = 0.03",)),
+    "auxilearn_lr001": Method("AuxiLearn (linear, outer_lr 0.01)", "weightings/auxilearn_linear.gin",
+                              ("weightings.auxilearn.outer_lr = 0.01",)),
+    "auxilearn_lr001_aux20": Method("AuxiLearn (linear, outer_lr 0.01, auxiliary set of 20 per class)",
+                                    "weightings/auxilearn_linear.gin",
+                                    ("weightings.auxilearn.outer_lr = 0.01", "LowDataSplit.aux_per_class = 20")),
     "auxilearn_nonlinear": Method("AuxiLearn (nonlinear)", "weightings/auxilearn_nonlinear.gin"),
 }
 
@@ -121,19 +139,26 @@ def separated(weights: dict[str, float]) -> bool:
     return max(weights["noise_0"], weights["adversarial_0"]) < min(weights["helpful_0"], weights["redundant_0"])
 
 
+BASELINES = ("stl", "stl_plus", "equal")  # the paired-difference columns of the report
+
+
 def report(names: list[str], out: Path) -> str:
     from auxframe.stats import mean_ci, paired
 
-    equal = {s: m["best"]["test"] for s, m in results("equal", out).items()}
-    lines = ["| weighting | main test acc (95% CI) | vs Equal (95% CI, w/t/l) | main | helpful | redundant | noise "
-             "| adversarial | noise & adversarial lowest | command |", "|" + "---|" * 10]
+    base = {b: {s: m["best"]["test"] for s, m in results(b, out).items()} for b in BASELINES}
+    versus_heads = " | ".join(f"vs {METHODS[b].label} (95% CI, w/t/l)" for b in BASELINES)
+    lines = [f"| weighting | main test acc (95% CI) | {versus_heads} | main | helpful | redundant | noise "
+             "| adversarial | noise & adversarial lowest | command |", "|" + "---|" * (9 + len(BASELINES))]
     for name in names:
         found = results(name, out)
         if not found:
             continue
         acc = {s: m["best"]["test"] for s, m in found.items()}
         ci = mean_ci(list(acc.values()))
-        diff = paired(acc, equal) if name != "equal" else None
+        versus = []
+        for b in BASELINES:
+            diff = paired(acc, base[b]) if name != b and base[b] else None
+            versus.append(f"{diff.format(3)} ({diff.record})" if diff is not None and diff.n else "—")
         cells = []
         for task in ("main", *KINDS):
             values = [m["weights"].get(task) for m in found.values()]
@@ -143,11 +168,11 @@ def report(names: list[str], out: Path) -> str:
             low, high = min(values), max(values)
             spread = f" ({low:.2f}-{high:.2f})" if high - low >= 0.005 else ""
             cells.append(f"{sum(values) / len(values):.2f}{spread}")
-        has_all = all(t in m["weights"] for m in found.values() for t in KINDS) and name != "stl"
+        has_all = all(t in m["weights"] for m in found.values() for t in KINDS) and not name.startswith("stl")
         sep = f"{sum(separated(m['weights']) for m in found.values())}/{len(found)}" if has_all else "—"
-        versus = f"{diff.format(3)} ({diff.record})" if diff is not None and diff.n else "—"
         command = shlex.join(sweep_command(name, out, len(found)))
-        lines.append(f"| {METHODS[name].label} | {ci.format(3)} | {versus} | {' | '.join(cells)} | {sep} | `{command}` |")
+        lines.append(f"| {METHODS[name].label} | {ci.format(3)} | {' | '.join(versus)} | {' | '.join(cells)} | {sep} "
+                     f"| `{command}` |")
     return "\n".join(lines)
 
 

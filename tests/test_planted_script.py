@@ -67,12 +67,14 @@ def test_report_reads_the_points_by_seed_and_counts_the_separating_ones(planted,
     assert len(lines) == 4  # header, rule, equal, arml: gcs has no points and no row
     cells = [c.strip() for c in lines[3].split("|")[1:-1]]
     assert cells[0] == "ARML"
-    # paired on the same seeds: differences 0.01, 0.02, 0.03, t(2, 0.975) * 0.01 / sqrt(3) = 0.025
-    assert cells[2] == "0.020 ± 0.025 (3/0/0)"
-    assert cells[3:8] == ["1.00", "1.00", "1.00", "0.57 (0.10-1.50)", "0.00"]
-    assert cells[8] == "2/3"
-    assert "--seeds 0 1 2" in cells[9]
-    assert [c.strip() for c in lines[2].split("|")[1:-1]][8] == "0/3"
+    # vs STL and STL+: no runs, no difference; vs Equal, paired on the same seeds: differences
+    # 0.01, 0.02, 0.03, t(2, 0.975) * 0.01 / sqrt(3) = 0.025
+    assert cells[2:5] == ["—", "—", "0.020 ± 0.025 (3/0/0)"]
+    assert cells[5:10] == ["1.00", "1.00", "1.00", "0.57 (0.10-1.50)", "0.00"]
+    assert cells[10] == "2/3"
+    assert "--seeds 0 1 2" in cells[11]
+    equal = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert equal[4] == "—" and equal[10] == "0/3"  # (Equal is not compared with itself)
 
 
 def test_unknown_method_is_named(planted, capsys):
