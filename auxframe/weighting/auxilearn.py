@@ -84,10 +84,10 @@ class AuxiLearn(Weighting):
             first), and when the series diverges right after a fresh estimate, alpha is halved
             (and stays halved for later estimates). The curvature grows as training goes on, so an
             estimate from the first outer step goes stale: on the planted benchmark (5 seeds,
-            2,000 steps) the series diverged in 97-100% of outer steps with one estimate, and in
-            0-2% with ``'on_divergence'``, which re-estimated at ~1% of outer steps
-            (docs/synthetic.md). An int N re-estimates every N outer steps (0: only once, the
-            earlier default).
+            2,000 steps, weightings/auxilearn_linear.gin) the series diverged in 81-100% of outer
+            steps with one estimate, and in 2% with ``'on_divergence'``, whose alpha changed twice,
+            within the first six outer steps (docs/synthetic.md). An int N re-estimates every N
+            outer steps (0: only once, the earlier default).
         mixed: how the mixed term ``(d2 L_T / dW dphi)^T p`` is computed: ``'forward'`` (one
             forward-mode pass of the model along ``p`` gives the directional derivative of every
             per-sample loss, then a backward through the auxiliary network only), ``'vjp'`` (one
