@@ -1,6 +1,6 @@
 """AuxiLearn cost: what an outer step costs next to an inner step, and what it does to training speed.
 
-Everything runs on the quickstart experiment (``auxframe/configs/quickstart.gin``: digits, the
+Everything runs on the low-label digits graph (``auxframe/configs/experiments/digits_equal_all.gin``, the quickstart's until issue 13: digits, the
 ``datasets/digits.gin`` split, ``small_cnn`` 32-64-64, digit + rotation + parity + ge5, Adam lr 1e-3
 weight decay 5e-4, batch 32), built from Python with ``framework_tax.build_auxframe`` and given an
 ``AuxiLearn`` weighting (linear auxiliary network, ``alpha='auto'``, Neumann series). Sections:

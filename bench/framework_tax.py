@@ -5,7 +5,7 @@ settings, on the same batches (each side draws from its own, identically seeded 
 data cost is identical); the only difference is who runs the step:
 
 * **auxframe**: ``Trainer.inner_step()`` (TaskLosses, ``Equal.backward``, dict plumbing, the
-  StepContext, the per-group signal call), set up from Python exactly as ``auxframe/configs/quickstart.gin``
+  StepContext, the per-group signal call), set up from Python exactly as ``auxframe/configs/experiments/digits_equal_all.gin`` (the quickstart's graph until issue 13)
   sets it up (digits, the ``datasets/digits.gin`` split, ``small_cnn`` 32-64-64, Adam lr 1e-3 with
   weight decay 5e-4, batch 32 for every pool).
 * **hand-written**: a plain loop that forwards the backbone once per batch group, applies the

@@ -81,7 +81,7 @@ SETTINGS = {
     "celeba": {"recipe": "experiments/celeba_1pct.gin", "batch": 64, "images_per_batch": 1, "weightings": "equal"},
     # the quickstart (digit + parity + ge5 on 32 labelled images, rotation on 32 x 4): for the workers
     # section only (its hand-written comparison is bench/framework_tax.py)
-    "quickstart": {"recipe": "quickstart.gin", "batch": 32, "images_per_batch": 1 + 4, "weightings": "equal"},
+    "quickstart": {"recipe": "experiments/digits_equal_all.gin", "batch": 32, "images_per_batch": 1 + 4, "weightings": "equal"},
 }
 #: gin files of the weightings whose recipe is not ``weightings/<name>.gin``.
 WEIGHTING_FILES = {"auxilearn": "weightings/auxilearn_linear.gin"}

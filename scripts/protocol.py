@@ -68,7 +68,7 @@ METHODS: dict[str, Method] = {
     "stl_plus": Method("STL+", "experiments/digits_stl_plus.gin", "none (labels + aux set)"),
     "equal_rotation": Method("Equal", "experiments/digits_equal_rotation.gin", "rotation"),
     "equal_attributes": Method("Equal", "experiments/digits_equal_attributes.gin", "parity, ge5, loops"),
-    "equal_all": Method("Equal", "quickstart.gin", "rotation, parity, ge5"),
+    "equal_all": Method("Equal", "experiments/digits_equal_all.gin", "rotation, parity, ge5"),
     "auxilearn_linear": Method("AuxiLearn (linear)", "experiments/digits_auxilearn_linear.gin",
                                "rotation, parity, ge5"),
     "auxilearn_nonlinear": Method("AuxiLearn (nonlinear)", "experiments/digits_auxilearn_nonlinear.gin",

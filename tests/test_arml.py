@@ -485,7 +485,7 @@ def test_every_adaptive_method_is_deterministic_for_a_seed(tmp_path, name):
     states = []
     for i in range(2):
         gin.clear_config()
-        config.parse([GIN / "quickstart.gin", GIN / "models/mlp.gin"], quick_bindings(steps=4, **extra))
+        config.parse([GIN / "experiments/digits_equal_all.gin", GIN / "models/mlp.gin"], quick_bindings(steps=4, **extra))
         result = train(run_dir=tmp_path / f"run{i}")
         states.append((result["weights"], load_checkpoint(latest_checkpoint(tmp_path / f"run{i}"))["model"]))
     assert states[0][0] == states[1][0]
@@ -503,7 +503,7 @@ def test_every_arml_update_gets_a_log_row_between_log_intervals(tmp_path):
     from helpers import GIN, quick_bindings
 
     gin.clear_config()
-    config.parse([GIN / "quickstart.gin", GIN / "models/mlp.gin"], quick_bindings(steps=9, **{
+    config.parse([GIN / "experiments/digits_equal_all.gin", GIN / "models/mlp.gin"], quick_bindings(steps=9, **{
         "train.weighting": "@weightings.arml()", "weightings.arml.update_every": 3, "train.log_every": 100,
         "backbones.mlp.hidden": "(16,)", "LowDataSplit.labels_per_class": 3}))
     train(run_dir=tmp_path / "run")

@@ -19,7 +19,7 @@ from auxframe.weighting.base import TaskLosses
 from helpers import GIN, quick_bindings
 
 
-def run(run_dir=None, steps=6, resume=False, files=("quickstart.gin",), **extra):
+def run(run_dir=None, steps=6, resume=False, files=("experiments/digits_equal_all.gin",), **extra):
     b = {"train.weighting": "@weightings.auxilearn()", "weightings.auxilearn.outer_every": 2}
     b.update(extra)
     config.parse([GIN / f for f in files], quick_bindings(steps=steps, **b))
@@ -155,7 +155,7 @@ def test_outer_step_leaves_batchnorm_statistics_alone():
     from auxframe.experiment import train as train_fn
 
     def bn_state(weighting_binding):
-        config.parse([GIN / "quickstart.gin"], quick_bindings(steps=1, **{
+        config.parse([GIN / "experiments/digits_equal_all.gin"], quick_bindings(steps=1, **{
             "train.weighting": weighting_binding, "weightings.auxilearn.outer_every": 1,
             "weightings.auxilearn.outer_lr": 0.0}))
         import auxframe.trainer as trainer_module

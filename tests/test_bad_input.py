@@ -17,7 +17,7 @@ from auxframe.registry import registry
 from helpers import GIN, quick_bindings
 from plugin_fixtures import make_dist, write_exploding_module
 
-QUICKSTART = GIN / "quickstart.gin"
+QUICKSTART = GIN / "experiments/digits_equal_all.gin"
 FAST = {"backbones.small_cnn.channels": "(4,)"}
 
 

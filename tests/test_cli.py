@@ -13,7 +13,7 @@ from auxframe.cli import main
 from auxframe.rundir import RunDir
 from helpers import GIN, REPO, quick_bindings
 
-QUICKSTART = str(GIN / "quickstart.gin")
+QUICKSTART = str(GIN / "experiments/digits_equal_all.gin")
 
 
 def cli(capsys, *args):
@@ -45,7 +45,8 @@ def test_quickstart_end_to_end_with_wandb_offline(tmp_path):
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         env.pop(var, None)
     proc = subprocess.run(
-        [sys.executable, "-m", "auxframe", "run", "--gin", QUICKSTART, *quick_params(steps=20, **{"train.checkpoint_every": 10}),
+        [sys.executable, "-m", "auxframe", "run", "--gin", str(GIN / "quickstart.gin"),
+         *quick_params(steps=20, **{"train.checkpoint_every": 10}),
          "--run-dir", str(run_dir)],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
     )
@@ -53,7 +54,8 @@ def test_quickstart_end_to_end_with_wandb_offline(tmp_path):
     assert "main task 'digit': test accuracy = " in proc.stdout
     names = {p.name for p in run_dir.iterdir()}
     assert {"config.gin", "operative_config.gin", "metrics.json", "scalars.jsonl", "checkpoints", "wandb", "run.json"} <= names
-    assert "LowDataSplit.labels_per_class = 10" in (run_dir / "operative_config.gin").read_text()
+    operative = (run_dir / "operative_config.gin").read_text()
+    assert "LowDataSplit.labels_per_class = 5" in operative and "train.weighting = @weightings.arml()" in operative
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == 20 and f"{metrics['test']:.4f}" in proc.stdout
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000010.pt", "step_00000020.pt"]
@@ -185,21 +187,21 @@ def test_describe_fields_of_a_dataset_without_its_data(capsys, tmp_path):
 def test_run_dry_run_and_validate_build_check_print_and_write_nothing(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for command in (["run", "--dry-run"], ["validate"]):
-        code, out, err = cli(capsys, *command, "--gin", "quickstart.gin", *quick_params(3))
+        code, out, err = cli(capsys, *command, "--gin", "experiments/digits_equal_all.gin", *quick_params(3))
         assert code == 0, err
         assert "train.steps = 3" in out and "LowDataSplit.labels_per_class = 10" in out  # the operative config
         assert "main task 'digit', auxiliary tasks: rotation, parity, ge5" in out
         assert "split: labeled 100, aux " in out and "Nothing was written." in out
         assert list(tmp_path.iterdir()) == []
     # a bad binding is found by the dry run, with the usual message
-    code, _, err = cli(capsys, "validate", "--gin", "quickstart.gin", *quick_params(3), "--gin-param", "digit/Task.labels = 'digits'")
+    code, _, err = cli(capsys, "validate", "--gin", "experiments/digits_equal_all.gin", *quick_params(3), "--gin-param", "digit/Task.labels = 'digits'")
     assert code == 2 and "labels 'digits'" in err
     # a named run directory is checked, and still not created
-    code, out, _ = cli(capsys, "validate", "--gin", "quickstart.gin", *quick_params(3), "--run-dir", tmp_path / "r")
+    code, out, _ = cli(capsys, "validate", "--gin", "experiments/digits_equal_all.gin", *quick_params(3), "--run-dir", tmp_path / "r")
     assert code == 0 and "run directory" in out and not (tmp_path / "r").exists()
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.gin").write_text("train.steps = 1\n")
-    code, _, err = cli(capsys, "validate", "--gin", "quickstart.gin", *quick_params(3), "--run-dir", tmp_path / "r")
+    code, _, err = cli(capsys, "validate", "--gin", "experiments/digits_equal_all.gin", *quick_params(3), "--run-dir", tmp_path / "r")
     assert code == 2 and "already holds a run" in err
 
 
@@ -298,6 +300,9 @@ def test_readme_commands_are_the_ones_ci_runs():
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
     assert "auxframe run --gin quickstart.gin" in readme
+    # the quickstart's output is shown beside the main task alone on the same split
+    shown = readme.split("## What a run gives you", 1)[1].split("The run directory holds", 1)[0]
+    assert "main task 'digit': test accuracy = " in shown and "--gin quickstart.gin --gin weightings/stl.gin" in shown
     assert "pytest" in ci and "pip install -e" in ci
 
 

@@ -16,18 +16,18 @@ from helpers import GIN, quick_bindings
 ALL_FILES = sorted(GIN.rglob("*.gin"))
 # Files that define a whole experiment; the others are pieces (base, dataset, model, tasks,
 # weighting) checked by laying them over the quickstart.
-WHOLE = {GIN / "quickstart.gin", *GIN.glob("experiments/*.gin")}
+WHOLE = {GIN / "experiments/digits_equal_all.gin", *GIN.glob("experiments/*.gin")}
 # Pieces that need more than the quickstart under them.
-UNDER = {GIN / "tasks/digits_dense.gin": [GIN / "quickstart.gin", GIN / "models/small_cnn_dense.gin"],
-         GIN / "weightings/auxilearn_generated.gin": [GIN / "quickstart.gin", GIN / "tasks/digits_generated.gin"]}
+UNDER = {GIN / "tasks/digits_dense.gin": [GIN / "experiments/digits_equal_all.gin", GIN / "models/small_cnn_dense.gin"],
+         GIN / "weightings/auxilearn_generated.gin": [GIN / "experiments/digits_equal_all.gin", GIN / "tasks/digits_generated.gin"]}
 # The synthetic dataset and its task graph need each other (the task graph reads its label fields).
-UNDER[GIN / "datasets/synthetic.gin"] = [GIN / "quickstart.gin", GIN / "tasks/synthetic_planted.gin"]
-UNDER[GIN / "tasks/synthetic_planted.gin"] = [GIN / "quickstart.gin", GIN / "datasets/synthetic.gin"]
+UNDER[GIN / "datasets/synthetic.gin"] = [GIN / "experiments/digits_equal_all.gin", GIN / "tasks/synthetic_planted.gin"]
+UNDER[GIN / "tasks/synthetic_planted.gin"] = [GIN / "experiments/digits_equal_all.gin", GIN / "datasets/synthetic.gin"]
 # The minimum-data task graph reads the attributes of datasets.digits_attributes; the domain-adaptation
 # dataset and task graph need each other (the target part and the source parts).
-UNDER[GIN / "tasks/digits_min_data.gin"] = [GIN / "quickstart.gin", GIN / "datasets/digits_attributes.gin"]
-UNDER[GIN / "tasks/digits_domains.gin"] = [GIN / "quickstart.gin", GIN / "datasets/digits_domains.gin"]
-UNDER[GIN / "datasets/digits_domains.gin"] = [GIN / "quickstart.gin", GIN / "tasks/digits_domains.gin"]
+UNDER[GIN / "tasks/digits_min_data.gin"] = [GIN / "experiments/digits_equal_all.gin", GIN / "datasets/digits_attributes.gin"]
+UNDER[GIN / "tasks/digits_domains.gin"] = [GIN / "experiments/digits_equal_all.gin", GIN / "datasets/digits_domains.gin"]
+UNDER[GIN / "datasets/digits_domains.gin"] = [GIN / "experiments/digits_equal_all.gin", GIN / "tasks/digits_domains.gin"]
 
 
 # Files that read a real data set train on fixtures of it in test_datasets.py instead.
@@ -35,12 +35,12 @@ TRAINED_HERE = [p for p in ALL_FILES if p.resolve() not in data_recipe_files(GIN
 
 
 def test_there_are_shipped_configs():
-    assert GIN / "quickstart.gin" in ALL_FILES and len(WHOLE) >= 5
+    assert GIN / "experiments/digits_equal_all.gin" in ALL_FILES and len(WHOLE) >= 5
 
 
 @pytest.mark.parametrize("path", TRAINED_HERE, ids=lambda p: str(p.relative_to(GIN)))
 def test_gin_file_parses_builds_and_trains(path):
-    files = [path] if path in WHOLE else [*UNDER.get(path, [GIN / "quickstart.gin"]), path]
+    files = [path] if path in WHOLE else [*UNDER.get(path, [GIN / "experiments/digits_equal_all.gin"]), path]
     config.parse(files, quick_bindings(steps=2))
     result = train(run_dir=None)
     assert result["steps"] == 2
@@ -61,7 +61,7 @@ def test_stl_plus_trains_the_main_task_on_labels_and_aux_set():
 
 def test_includes_resolve_from_any_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config.parse([GIN / "quickstart.gin"], quick_bindings(steps=1))
+    config.parse([GIN / "experiments/digits_equal_all.gin"], quick_bindings(steps=1))
     assert gin.query_parameter("LowDataSplit.labels_per_class") == 10
 
 

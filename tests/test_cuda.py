@@ -67,7 +67,7 @@ def test_every_weighting_trains_on_gpu_like_on_cpu(tmp_path, name):
         gin.clear_config()
         bindings = {"train.device": f"'{device}'", "train.weighting": f"@weightings.{name}()", "train.tf32": "False",
                     **NEEDS.get(name, {})}
-        config.parse([GIN / "quickstart.gin"], quick_bindings(steps=6, **bindings))
+        config.parse([GIN / "experiments/digits_equal_all.gin"], quick_bindings(steps=6, **bindings))
         results[device] = train(run_dir=tmp_path / device)
     for task, w in results["cpu"]["weights"].items():
         assert results["cuda"]["weights"][task] == pytest.approx(w, rel=1e-2, abs=1e-3), (task, name)
@@ -83,7 +83,7 @@ def test_auxilearn_outer_steps_replayed_from_a_cuda_graph_equal_eager_ones(tmp_p
         bindings = {"train.device": "'cuda'", "train.weighting": "@weightings.auxilearn()",
                     "weightings.auxilearn.outer_every": 3, "weightings.auxilearn.mixed": "'vjp'",
                     "weightings.auxilearn.cuda_graph": str(graph)}
-        config.parse([GIN / "quickstart.gin"], quick_bindings(steps=12, **bindings))
+        config.parse([GIN / "experiments/digits_equal_all.gin"], quick_bindings(steps=12, **bindings))
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
             results[graph] = train(run_dir=tmp_path / str(graph))
@@ -139,7 +139,7 @@ def test_every_reduced_precision_path_matches_fp32_on_the_gpu():
 
 def _run(run_dir, steps, resume=False, **bindings):
     gin.clear_config()
-    config.parse([GIN / "quickstart.gin"], quick_bindings(steps=steps, **{"train.device": "'cuda'", **bindings}))
+    config.parse([GIN / "experiments/digits_equal_all.gin"], quick_bindings(steps=steps, **{"train.device": "'cuda'", **bindings}))
     return train(run_dir=run_dir, resume=resume)
 
 

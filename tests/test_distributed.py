@@ -30,7 +30,7 @@ from auxframe.experiment import train
 from auxframe.registry import registry
 from helpers import GIN, quick_bindings
 
-FILES = [GIN / "quickstart.gin", GIN / "models/mlp.gin", GIN / "tasks/digits_attributes.gin"]
+FILES = [GIN / "experiments/digits_equal_all.gin", GIN / "models/mlp.gin", GIN / "tasks/digits_attributes.gin"]
 STEPS = 8
 #: Per method: bindings that make it act within a few steps (an outer step / weight update every 2).
 METHOD_BINDINGS = {

@@ -223,14 +223,14 @@ def test_labels_command_writes_a_png_grid(tmp_path, capsys):
 
 
 def test_labels_command_needs_a_run_with_a_generator(tmp_path, capsys):
-    config.parse([GIN / "quickstart.gin"], quick_bindings(steps=1))
+    config.parse([GIN / "experiments/digits_equal_all.gin"], quick_bindings(steps=1))
     train(run_dir=tmp_path / "q")
     assert cli_main(["labels", str(tmp_path / "q"), "--out", str(tmp_path / "g.png")]) == 2
     assert "0 generated-label tasks" in capsys.readouterr().err
 
 
 def test_learning_nothing_is_an_error():
-    config.parse([GIN / "quickstart.gin"], quick_bindings(
+    config.parse([GIN / "experiments/digits_equal_all.gin"], quick_bindings(
         steps=1, **{"train.weighting": "@weightings.auxilearn()", "weightings.auxilearn.learn_auxnet": False}))
     with pytest.raises(ConfigError, match="would learn nothing"):
         train(run_dir=None)

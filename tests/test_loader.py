@@ -165,7 +165,7 @@ def run(run_dir, steps, workers, resume=False, auxilearn=False):
     from helpers import GIN, quick_bindings
 
     gin.clear_config()
-    files = [GIN / "quickstart.gin"] + ([GIN / "weightings/auxilearn_linear.gin"] if auxilearn else [])
+    files = [GIN / "experiments/digits_equal_all.gin"] + ([GIN / "weightings/auxilearn_linear.gin"] if auxilearn else [])
     extra = {**SHIFTS, **(AUXILEARN if auxilearn else {}), "train.num_workers": workers}
     config.parse(files, quick_bindings(steps=steps, **extra))
     return train(run_dir=run_dir, resume=resume)

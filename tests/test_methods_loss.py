@@ -145,7 +145,7 @@ def test_rlw_is_seeded_and_resumes_its_draws():
 
 
 # -- Auto-λ and ForkMerge in a real trainer ------------------------------------------------------------
-FILES = [GIN / "quickstart.gin", GIN / "models/mlp.gin"]
+FILES = [GIN / "experiments/digits_equal_all.gin", GIN / "models/mlp.gin"]
 SMALL = {"backbones.mlp.hidden": "(16,)", "LowDataSplit.labels_per_class": 3}
 
 

@@ -124,7 +124,7 @@ def test_fp16_loss_scale_keeps_small_gradients_that_fp16_would_flush_to_zero():
     assert errors[True] < TOL["fp16"] and errors[False] > 0.2, errors
 
 
-def run(run_dir, steps, files=("quickstart.gin",), resume=False, **extra):
+def run(run_dir, steps, files=("experiments/digits_equal_all.gin",), resume=False, **extra):
     gin.clear_config()
     config.parse([GIN / f for f in files], quick_bindings(steps=steps, **{**CPU, **extra}))
     return train(run_dir=run_dir, resume=resume)
@@ -145,7 +145,7 @@ def test_outer_steps_run_in_fp32_whatever_the_precision(monkeypatch):
     monkeypatch.setattr(hypergrad, "hypergradient", capture)
     losses = {}
     for precision in ("fp32", "bf16", "fp16"):
-        result = run(None, 1, files=("quickstart.gin", "models/mlp.gin"), **{
+        result = run(None, 1, files=("experiments/digits_equal_all.gin", "models/mlp.gin"), **{
             "train.precision": f"'{precision}'", "train.weighting": "@weightings.auxilearn()",
             "weightings.auxilearn.outer_every": 1, "torch.optim.Adam.lr": 0.0, "backbones.mlp.hidden": "(16,)"})
         losses[precision] = result["metrics"]["test/digit/loss"]
@@ -293,6 +293,6 @@ gin.register(TwiceThrough, module="test_precision")
 
 def test_an_undeclared_double_backward_under_compile_is_a_clear_error():
     with pytest.raises(ConfigError, match="TwiceThrough differentiated the inner step's graph twice.*double_backward = True"):
-        run(None, 1, files=("quickstart.gin", "models/mlp.gin"), **{
+        run(None, 1, files=("experiments/digits_equal_all.gin", "models/mlp.gin"), **{
             "train.compile": "'aot_eager'", "train.weighting": "@test_precision.TwiceThrough()",
             "backbones.mlp.hidden": "(16,)"})

@@ -19,7 +19,7 @@ from auxframe.rundir import command_line, git_state, read_run_json
 from auxframe.runconfig import configuration, group_name
 from helpers import GIN, quick_bindings
 
-QUICKSTART = str(GIN / "quickstart.gin")
+QUICKSTART = str(GIN / "experiments/digits_equal_all.gin")
 
 
 class _FakeRun:

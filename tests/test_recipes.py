@@ -33,7 +33,7 @@ def test_ls_lists_every_shipped_recipe_once_with_its_opening_sentence(capsys):
     shipped = {p.relative_to(GIN).as_posix() for p in GIN.rglob("*.gin")}
     assert set(rows) == shipped and len(out.splitlines()) == len(shipped) + 1
     assert next(iter(rows)) == "quickstart.gin"  # top-level files first
-    assert rows["quickstart.gin"].startswith("Quickstart: the digit as main task with 10 labels per class")
+    assert rows["quickstart.gin"].startswith("Quickstart: the digit as main task with 5 labels per class")
     assert rows["base/train.gin"] == "Training schedule shared by every digits experiment"
 
 

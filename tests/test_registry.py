@@ -285,7 +285,7 @@ def test_plugin_parameters_are_what_gin_can_set():
 
 PLUGINS = REPO / "plugins"
 QUICK_RUN = [
-    "--gin", "quickstart.gin",
+    "--gin", "experiments/digits_equal_all.gin",
     "--gin-param", "train.steps=30",
     "--gin-param", "train.batch_size=16",
     "--gin-param", "train.log_every=10",

@@ -22,7 +22,7 @@ from auxframe.registry import registry
 from auxframe.weighting.fixed import Equal
 from helpers import GIN, quick_bindings
 
-FILES = ("quickstart.gin", "models/mlp.gin")
+FILES = ("experiments/digits_equal_all.gin", "models/mlp.gin")
 #: Every run here: a small MLP, 3 labels per class (one step per epoch, so per-epoch methods act).
 FAST = {"backbones.mlp.hidden": "(16,)", "LowDataSplit.labels_per_class": 3}
 #: Bindings some weightings need to act within a few steps (a weight update or outer step every 2).

@@ -17,7 +17,7 @@ from auxframe.search import Dimension, _lock, make_sampler, parse_space, run_sea
 from auxframe.sweep import parse_grid
 from helpers import GIN, quick_bindings
 
-FILES = [str(GIN / "quickstart.gin")]
+FILES = [str(GIN / "experiments/digits_equal_all.gin")]
 SPACE = [parse_space("torch.optim.Adam.lr=loguniform(1e-4, 1e-1)"), parse_space("train.batch_size=[8, 16]")]
 
 

@@ -23,7 +23,7 @@ from auxframe.sweep import (
 )
 from helpers import GIN, quick_bindings
 
-FILES = [str(GIN / "quickstart.gin"), str(GIN / "weightings/fixed.gin")]
+FILES = [str(GIN / "experiments/digits_equal_all.gin"), str(GIN / "weightings/fixed.gin")]
 WEIGHTS_GRID = "weightings.fixed.weights={'parity': [0.0, 1.0]}"
 
 
@@ -283,7 +283,7 @@ def test_dry_run_parses_every_point_and_lists_it(capsys, tmp_path):
     assert ("parity=1.0,seed=4: weightings.fixed.weights = {'parity': 1.0}; train.seed = 4; LowDataSplit.seed = 4"
             in out)
     broken = tmp_path / "broken.gin"
-    broken.write_text(f"include '{GIN / 'quickstart.gin'}'\ninclude 'base/no_such_file.gin'\n")
+    broken.write_text(f"include '{GIN / 'experiments/digits_equal_all.gin'}'\ninclude 'base/no_such_file.gin'\n")
     code = main(["sweep", "--gin", str(broken), "--seeds", "0", "--dry-run"])
     err = capsys.readouterr().err
     assert code == 2 and "no_such_file.gin" in err and "Traceback" not in err

@@ -19,7 +19,7 @@ from auxframe.weighting.base import Weighting
 from helpers import GIN, quick_bindings
 
 
-def run(run_dir, steps, resume=False, files=("quickstart.gin",), **extra):
+def run(run_dir, steps, resume=False, files=("experiments/digits_equal_all.gin",), **extra):
     gin.clear_config()
     config.parse([GIN / f for f in files], quick_bindings(steps=steps, **extra))
     return train(run_dir=run_dir, resume=resume)
@@ -104,7 +104,7 @@ def test_checkpoint_from_another_task_graph_is_refused(tmp_path):
     gin.clear_config()
     # Same config text, but swap the task graph to the attributes-only graph.
     with pytest.raises(Exception) as err:
-        run(tmp_path / "r", steps=4, resume=True, files=("quickstart.gin", "tasks/digits_attributes.gin"))
+        run(tmp_path / "r", steps=4, resume=True, files=("experiments/digits_equal_all.gin", "tasks/digits_attributes.gin"))
     assert "config differs" in str(err.value) or "another task graph" in str(err.value)
 
 
