@@ -372,9 +372,13 @@ def report(args: argparse.Namespace) -> None:
         timed = json.loads(timing_file.read_text())
         print("\nstep time vs STL, back to back (timing): " +
               ", ".join(f"{k} {timed[k]['vs_stl']:.2f}x" for k in found if timed.get(k, {}).get("vs_stl")))
-    if args.plots:
-        written = reports.write_report(rep, args.plots, args.plot_prefix, percent=True)
-        print("\nwrote " + ", ".join(str(p) for p in written.values()))
+    if args.plots:  # the PNGs only (the table is printed above, for docs/results.md)
+        from auxframe import report_plots
+
+        args.plots.mkdir(parents=True, exist_ok=True)
+        written = [report_plots.plot_metric(rep, args.plots / f"{args.plot_prefix}_accuracy.png", True),
+                   report_plots.plot_weights(rep, args.plots / f"{args.plot_prefix}_weights.png")]
+        print("\nwrote " + ", ".join(str(p) for p in written if p is not None))
 
 
 def main() -> None:
