@@ -137,7 +137,7 @@ DRY = [
 @pytest.mark.parametrize("binding, message", DRY, ids=[b.split("@")[1] for b, _ in DRY])
 def test_run_refuses_a_broken_plugin_in_one_line_and_writes_nothing(capsys, tmp_path, mistakes, binding, message):
     run_dir = tmp_path / "run"
-    args = ["run", "--gin", str(GIN / "quickstart.gin"), *(a for b in quick_bindings(steps=2) for a in ("--gin-param", b)),
+    args = ["run", "--gin", str(GIN / "experiments/digits_equal_all.gin"), *(a for b in quick_bindings(steps=2) for a in ("--gin-param", b)),
             "--run-dir", str(run_dir)]
     assert main([*args, "--gin-param", binding]) == 2
     assert capsys.readouterr().err == f"auxframe: error: {message}\n"

@@ -242,7 +242,7 @@ def test_the_kit_catches_state_left_on_the_cpu():
 def test_run_json_names_the_gpu(tmp_path):
     from auxframe.rundir import read_run_json
 
-    config.parse([GIN / "quickstart.gin"], quick_bindings(steps=2, **{"train.device": "'cuda'"}))
+    config.parse([GIN / "experiments/digits_equal_all.gin"], quick_bindings(steps=2, **{"train.device": "'cuda'"}))
     train(run_dir=tmp_path / "run")
     device = read_run_json(tmp_path / "run")["device"]
     assert device["type"] == "cuda" and device["name"] == torch.cuda.get_device_name(0)
