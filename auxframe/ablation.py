@@ -127,6 +127,13 @@ class TaskEffect:
     task: str
     mode: str
     effect: Paired
+    higher_is_better: bool = True
+
+    @property
+    def benefit(self) -> float:
+        """The mean effect signed so that larger is better for the main task (what a probe's score
+        should rank like)."""
+        return self.effect.mean if self.higher_is_better else -self.effect.mean
 
 
 def ablation_effects(sweep_dir: str | Path, metric: str = "best_test") -> dict[str, list[TaskEffect]]:
@@ -173,9 +180,8 @@ def ablation_effects(sweep_dir: str | Path, metric: str = "best_test") -> dict[s
                 continue
             task = label[len(prefix):]
             a, b = (values, by_label[reference]) if mode == "one-at-a-time" else (by_label[reference], values)
-            effects.append(TaskEffect(task, mode, paired(a, b, higher_is_better=higher)))
-        sign = 1.0 if higher else -1.0
-        out[mode] = sorted(effects, key=lambda e: -sign * e.effect.mean)
+            effects.append(TaskEffect(task, mode, paired(a, b, higher_is_better=higher), higher))
+        out[mode] = sorted(effects, key=lambda e: -e.benefit)
     return out
 
 

@@ -137,6 +137,12 @@ def kept_buffers(model: torch.nn.Module) -> Iterator[None]:
                 b.copy_(s)
 
 
+def _interval_json(i: Interval) -> dict[str, float | None]:
+    """An interval as JSON; no NaN in the JSON: an undefined bound is null."""
+    return {"mean": i.mean, "low": None if math.isnan(i.low) else i.low,
+            "high": None if math.isnan(i.high) else i.high, "n": i.n}
+
+
 # -- the callback ------------------------------------------------------------------------------------
 @dataclass
 class Measurement:
@@ -179,16 +185,12 @@ class ProbeResult:
         return [s.task for s in self.scores if not s.main]
 
     def to_json(self) -> dict[str, Any]:
-        def interval(i: Interval) -> dict[str, float | None]:  # no NaN in the JSON: an undefined bound is null
-            return {"mean": i.mean, "low": None if math.isnan(i.low) else i.low,
-                    "high": None if math.isnan(i.high) else i.high, "n": i.n}
-
         return {
             "main_task": self.main_task,
             "ranking": self.ranking,
             "settings": self.settings,
-            "scores": [{"task": s.task, "main": s.main, "transference": interval(s.transference),
-                        "cosine": interval(s.cosine)} for s in self.scores],
+            "scores": [{"task": s.task, "main": s.main, "transference": _interval_json(s.transference),
+                        "cosine": _interval_json(s.cosine)} for s in self.scores],
             "measurements": [{"step": m.step, "transference": m.transference, "cosine": m.cosine}
                              for m in self.measurements],
         }
@@ -479,6 +481,141 @@ def run_probe(
                         full_steps=full_steps,
                         wall_time_s=round(wall, 3), weighting="experiment's" if keep_weighting else "equal",
                         gin_files=[str(f) for f in gin_files], gin_params=list(gin_params))
+
+
+@dataclass
+class SeedsProbe:
+    """The probe run once per seed, and each task's score over the seeds.
+
+    Attributes:
+        seeds: the seeds, in order.
+        results: one :class:`ProbeResult` per seed.
+        transference: task -> the per-seed mean transferences' mean and 95% t interval over seeds.
+        cosine: task -> the same for the cosine.
+        main_task: the main task's name.
+    """
+
+    seeds: list[int]
+    results: list[ProbeResult]
+    transference: dict[str, Interval]
+    cosine: dict[str, Interval]
+    main_task: str
+
+    @property
+    def ranking(self) -> list[str]:
+        """The auxiliary tasks by mean transference over the seeds, most helpful first."""
+        aux = [t for t in self.transference if t != self.main_task]
+        return sorted(aux, key=lambda t: -self.transference[t].mean)
+
+
+def over_seeds(seeds: Sequence[int], results: Sequence[ProbeResult]) -> SeedsProbe:
+    """Each task's per-seed mean transference and cosine, summarised over the seeds (95% t interval:
+    how the probe's verdict varies between seeds and splits)."""
+    if not results:
+        raise ConfigError("no probe result to summarise over seeds; give at least one seed.")
+    tasks = [s.task for s in results[0].scores]
+
+    def per_task(attr: str) -> dict[str, Interval]:
+        return {t: mean_ci([getattr(next(s for s in r.scores if s.task == t), attr).mean for r in results]) for t in tasks}
+
+    return SeedsProbe(list(seeds), list(results), per_task("transference"), per_task("cosine"), results[0].main_task)
+
+
+@dataclass
+class Agreement:
+    """How a probe's scores rank the auxiliary tasks against an ablation's effects.
+
+    Attributes:
+        mode: the ablation (``one-at-a-time`` or ``leave-one-out``).
+        per_seed: one row per seed: ``(seed, Spearman of transference, Spearman of cosine)``, each
+            seed's probe against the ablation's mean effects (None: fewer than 3 tasks in common).
+        of_means: the Spearman of the mean transference over seeds, and of the mean cosine.
+    """
+
+    mode: str
+    per_seed: list[tuple[int, float | None, float | None]]
+    of_means: tuple[float | None, float | None]
+
+
+def agreement(probes: SeedsProbe, effects: Sequence[Any]) -> Agreement:
+    """Spearman's rank correlation between the probe's scores and an ablation's effects.
+
+    Args:
+        probes: the probe over seeds (:func:`over_seeds`).
+        effects: one ablation's :class:`auxframe.ablation.TaskEffect` per auxiliary task.
+    """
+    from auxframe.ablation import spearman
+
+    if not effects:
+        raise ConfigError("the ablation has no task effect to compare the probe with.")
+    benefit = {e.task: e.benefit for e in effects}
+
+    def rho(scores: Mapping[str, float]) -> float | None:
+        common = [t for t in scores if t in benefit]
+        return spearman({t: scores[t] for t in common}, benefit) if len(common) >= 3 else None
+
+    rows = []
+    for seed, r in zip(probes.seeds, probes.results):
+        aux = [s for s in r.scores if not s.main]
+        rows.append((seed, rho({s.task: s.transference.mean for s in aux}), rho({s.task: s.cosine.mean for s in aux})))
+    aux = [t for t in probes.transference if t != probes.main_task]
+    means = (rho({t: probes.transference[t].mean for t in aux}), rho({t: probes.cosine[t].mean for t in aux}))
+    return Agreement(effects[0].mode, rows, means)
+
+
+def markdown_seeds(probes: SeedsProbe, effects: Sequence[Any] | None = None, agreed: Agreement | None = None) -> str:
+    """The tasks ranked by mean transference over the seeds (with an ablation's effects beside them),
+    each seed's ranking, and the rank correlations with the ablation."""
+    by_task = {e.task: e for e in effects or ()}
+    head = f"| rank | task | transference over {len(probes.seeds)} seeds (95% CI) | cosine with main (95% CI) |"
+    rule = "|---|---|---|---|"
+    if effects:
+        head, rule = head + f" {effects[0].mode} ablation effect (95% CI, wins/ties/losses) |", rule + "---|"
+    lines = [head, rule]
+    for i, t in enumerate(probes.ranking, 1):
+        row = f"| {i} | {t} | {format_interval(probes.transference[t])} | {format_interval(probes.cosine[t])} |"
+        if effects:
+            e = by_task.get(t)
+            row += (f" {format_interval(e.effect, 4)} ({e.effect.wins}/{e.effect.ties}/{e.effect.losses}) |"
+                    if e is not None else " — |")
+        lines.append(row)
+    lines += ["", "| seed | ranking (transference) | Spearman with the ablation: transference | cosine |",
+              "|---|---|---|---|"]
+    rhos = {seed: (a, b) for seed, a, b in (agreed.per_seed if agreed else [])}
+    for seed, r in zip(probes.seeds, probes.results):
+        a, b = rhos.get(seed, (None, None))
+        lines.append(f"| {seed} | {' > '.join(r.ranking)} | {_rho(a)} | {_rho(b)} |")
+    if agreed is not None:
+        lines += ["", f"Spearman of the mean over seeds with the {agreed.mode} ablation's effects: transference "
+                      f"{_rho(agreed.of_means[0])}, cosine {_rho(agreed.of_means[1])}."]
+    return "\n".join(lines) + "\n"
+
+
+def _rho(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.2f}"
+
+
+def write_seeds(probes: SeedsProbe, out: str | Path, effects: Sequence[Any] | None = None,
+                agreed: Agreement | None = None) -> dict[str, Path]:
+    """``probes.md`` and ``probes.json`` (over seeds, and against an ablation when given) into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    data: dict[str, Any] = {
+        "main_task": probes.main_task, "seeds": probes.seeds, "ranking": probes.ranking,
+        "transference": {t: _interval_json(i) for t, i in probes.transference.items()},
+        "cosine": {t: _interval_json(i) for t, i in probes.cosine.items()},
+        "per_seed_ranking": {str(s): r.ranking for s, r in zip(probes.seeds, probes.results)},
+    }
+    if effects:
+        data["ablation"] = {"mode": effects[0].mode, "effects": {e.task: _interval_json(e.effect) for e in effects}}
+    if agreed is not None:
+        data["spearman"] = {"per_seed": [{"seed": s, "transference": a, "cosine": b} for s, a, b in agreed.per_seed],
+                            "of_means": {"transference": agreed.of_means[0], "cosine": agreed.of_means[1]}}
+    paths = {"json": out / "probes.json", "markdown": out / "probes.md"}
+    _write(paths["json"], json.dumps(data, indent=2) + "\n")
+    _write(paths["markdown"], markdown_seeds(probes, effects, agreed))
+    return paths
 
 
 def markdown(result: ProbeResult, effects: Mapping[str, float] | None = None) -> str:

@@ -163,3 +163,71 @@ def test_auxframe_probe_writes_the_table_json_and_png(tmp_path, capsys):
     assert sorted(saved["ranking"]) == ["adversarial_0", "helpful_0", "noise_0", "redundant_0"]
     assert (out / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| 1 |" in (out / "probe.md").read_text()
+
+
+def test_probes_over_seeds_and_their_spearman_with_an_ablation():
+    from auxframe.ablation import TaskEffect
+    from auxframe.probe import agreement, markdown_seeds, over_seeds
+    from auxframe.stats import Paired
+
+    def result(z):
+        ms = [Measurement(s, {**z, "main": 1.0}, {**{t: v / 10 for t, v in z.items()}, "main": 1.0}) for s in (2, 4)]
+        return summarise("main", ms)
+
+    probes = over_seeds([0, 1], [result({"a": 0.3, "b": 0.2, "c": 0.1, "d": 0.0}),
+                                 result({"a": 0.1, "b": 0.4, "c": 0.2, "d": 0.0})])
+    assert probes.transference["a"].mean == pytest.approx(0.2) and probes.ranking == ["b", "a", "c", "d"]
+
+    def effect(task, mean, higher=True):
+        return TaskEffect(task, "one-at-a-time", Paired(mean, mean - 0.01, mean + 0.01, 5, 5, 0, 0), higher)
+
+    effects = [effect("a", 0.05), effect("b", 0.04), effect("c", 0.01), effect("d", -0.02)]
+    agreed = agreement(probes, effects)
+    # seed 0 ranks a > b > c > d, as the ablation: rho = 1; seed 1 ranks b > c > a > d: d^2 = 4 + 1 + 1 = 6,
+    # rho = 1 - 6 * 6 / (4 * 15) = 0.4; the means (0.2, 0.3, 0.15, 0): b > a > c > d, rho = 1 - 6 * 2 / 60 = 0.8
+    assert [(s, round(a, 6)) for s, a, _ in agreed.per_seed] == [(0, 1.0), (1, 0.4)]
+    assert agreed.of_means[0] == pytest.approx(0.8) and agreed.of_means[1] == pytest.approx(0.8)
+    # a lower-is-better metric: a negative effect is a benefit, so the ranking flips
+    flipped = agreement(probes, [effect(e.task, -e.effect.mean, higher=False) for e in effects])
+    assert flipped.of_means[0] == pytest.approx(0.8)
+    text = markdown_seeds(probes, effects, agreed)
+    assert "| 1 | b |" in text and "| 1 | b > c > a > d | +0.40 |" in text and "transference +0.80" in text
+
+
+def _fake_ablation(path, effects: dict[str, float], seeds=(0, 1)):
+    """A finished one-at-a-time sweep folder as auxframe sweep writes it (sweep.json, metrics.json per point)."""
+    points = []
+    for label, effect in {"main-only": 0.0, **{f"only-{t}": e for t, e in effects.items()}}.items():
+        for seed in seeds:
+            name = f"tasks={label},seed={seed}"
+            (path / name).mkdir(parents=True)
+            value = 0.5 + effect + 0.01 * seed
+            (path / name / "metrics.json").write_text(json.dumps({"best": {"test": value, "val": value}, "test": value,
+                                                                  "val": value, "higher_is_better": True}))
+            points.append({"name": name, "values": {"train.seed": str(seed), "LowDataSplit.seed": str(seed)},
+                           "columns": {"ablation": label}})
+    (path / "sweep.json").write_text(json.dumps({"points": points}))
+    return path
+
+
+def test_auxframe_probe_over_seeds_against_an_ablation(tmp_path, capsys):
+    from auxframe.cli import main as cli
+    from helpers import GIN
+
+    # the planted kinds' one-at-a-time effects as docs/probe.md measured them
+    sweep = _fake_ablation(tmp_path / "ablation", {"helpful_0": 0.135, "redundant_0": 0.087, "noise_0": 0.011,
+                                                   "adversarial_0": -0.075})
+    gin = str(GIN / "experiments/synthetic_equal.gin")
+    code = cli(["probe", "--gin", gin, "--seeds", "0", "--against", str(sweep), "--ablation", "leave-one-out"])
+    assert code == 2 and "has no finished leave-one-out ablation (it has: one-at-a-time)" in capsys.readouterr().err
+    out = tmp_path / "probes"
+    code = cli(["probe", "--gin", gin, "--gin-param", "train.progress = False", "--seeds", "0", "1",
+                "--against", str(sweep), "--out", str(out), "--no-plot"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "Spearman of the mean over seeds" in printed
+    saved = json.loads((out / "probes.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved["ablation"]["mode"] == "one-at-a-time"
+    assert saved["ablation"]["effects"]["helpful_0"]["mean"] == pytest.approx(0.135)
+    # seeds 0 and 1 rank the planted tasks exactly as their ablation (docs/probe.md)
+    assert [row["transference"] for row in saved["spearman"]["per_seed"]] == [pytest.approx(1.0)] * 2
+    assert (out / "seed-0" / "probe.json").is_file() and (out / "seed-1" / "probe.md").is_file()
