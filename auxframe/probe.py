@@ -596,8 +596,9 @@ def _rho(value: float | None) -> str:
 
 
 def write_seeds(probes: SeedsProbe, out: str | Path, effects: Sequence[Any] | None = None,
-                agreed: Agreement | None = None) -> dict[str, Path]:
-    """``probes.md`` and ``probes.json`` (over seeds, and against an ablation when given) into ``out``."""
+                agreed: Agreement | None = None, plot: bool = True) -> dict[str, Path]:
+    """``probes.md`` and ``probes.json`` (over seeds, and against an ablation when given) into ``out``,
+    and with an ablation and ``plot``, ``probes.png`` (:func:`plot_against`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -615,7 +616,45 @@ def write_seeds(probes: SeedsProbe, out: str | Path, effects: Sequence[Any] | No
     paths = {"json": out / "probes.json", "markdown": out / "probes.md"}
     _write(paths["json"], json.dumps(data, indent=2) + "\n")
     _write(paths["markdown"], markdown_seeds(probes, effects, agreed))
+    if effects and plot:
+        paths["png"] = plot_against(probes, effects, out / "probes.png", agreed)
     return paths
+
+
+def plot_against(probes: SeedsProbe, effects: Sequence[Any], path: str | Path, agreed: Agreement | None = None) -> Path:
+    """Each auxiliary task's mean transference over the seeds against its ablation effect (both with
+    95% intervals): a probe that ranks like the ablation puts the tasks on a rising curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_task = {e.task: e for e in effects}
+    tasks = [t for t in probes.ranking if t in by_task]
+
+    def err(i: Interval) -> list[float]:
+        return [0.0, 0.0] if i.n < 2 else [i.mean - i.low, i.high - i.mean]
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for t in tasks:
+        e, z = by_task[t], probes.transference[t]
+        sign = 1.0 if e.higher_is_better else -1.0
+        ax.errorbar([sign * e.effect.mean], [z.mean], xerr=[[err(e.effect)[int(sign < 0)]], [err(e.effect)[int(sign > 0)]]],
+                    yerr=[[err(z)[0]], [err(z)[1]]], fmt="o", capsize=3)
+        ax.annotate(t, (sign * e.effect.mean, z.mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.axvline(0, color="black", lw=0.6)
+    ax.set_xlabel(f"{effects[0].mode} ablation effect on the main task (better →)", fontsize=8)
+    ax.set_ylabel(f"probe: lookahead transference, mean over {len(probes.seeds)} seeds", fontsize=8)
+    title = "probe vs ablation, 95% intervals"
+    if agreed is not None and agreed.of_means[0] is not None:
+        title += f" (Spearman {agreed.of_means[0]:+.2f})"
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def markdown(result: ProbeResult, effects: Mapping[str, float] | None = None) -> str:

@@ -165,7 +165,8 @@ def test_auxframe_probe_writes_the_table_json_and_png(tmp_path, capsys):
     assert "| 1 |" in (out / "probe.md").read_text()
 
 
-def test_probes_over_seeds_and_their_spearman_with_an_ablation():
+def _probes_and_ablation():
+    """Two seeds' probes of tasks a-d, an ablation's effects and their agreement, each checked by hand."""
     from auxframe.ablation import TaskEffect
     from auxframe.probe import agreement, markdown_seeds, over_seeds
     from auxframe.stats import Paired
@@ -192,6 +193,22 @@ def test_probes_over_seeds_and_their_spearman_with_an_ablation():
     assert flipped.of_means[0] == pytest.approx(0.8)
     text = markdown_seeds(probes, effects, agreed)
     assert "| 1 | b |" in text and "| 1 | b > c > a > d | +0.40 |" in text and "transference +0.80" in text
+    return probes, effects, agreed
+
+
+def test_probes_over_seeds_and_their_spearman_with_an_ablation():
+    _probes_and_ablation()  # its assertions: the means, the per-seed and of-means Spearman, the table
+
+
+def test_probes_over_seeds_are_written_with_a_plot_against_the_ablation(tmp_path):
+    from auxframe.probe import write_seeds
+
+    probes, effects, agreed = _probes_and_ablation()
+    paths = write_seeds(probes, tmp_path, effects, agreed)
+    saved = json.loads(paths["json"].read_text())
+    assert saved["spearman"]["of_means"]["transference"] == pytest.approx(0.8)
+    assert saved["per_seed_ranking"]["1"] == ["b", "c", "a", "d"] and saved["ablation"]["effects"]["d"]["mean"] == -0.02
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _fake_ablation(path, effects: dict[str, float], seeds=(0, 1)):

@@ -87,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
     over = probe.over_seeds(args.seeds, results)
     agreed = probe.agreement(over, effects) if effects else None
     text = probe.markdown_seeds(over, effects, agreed)
-    written = probe.write_seeds(over, out, effects, agreed)
+    written = probe.write_seeds(over, out, effects, agreed, plot=not args.no_plot)
     print("\n" + text)
     print("wrote " + ", ".join(str(p) for p in written.values()) + f" and {out}/seed-*/")
     return 0
