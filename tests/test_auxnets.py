@@ -389,3 +389,12 @@ def test_module_does_not_import_gin():
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert "torch" in imported  # the walk does see the imports
     assert not any(m == "gin" or m.startswith("gin.") for m in imported)
+
+
+@pytest.mark.parametrize("mode", [None, "projection", "softplus"])
+def test_set_weights_sets_the_effective_weights(mode):
+    net = LinearAuxNet(3, monotone=mode)
+    net.set_weights_(torch.tensor([1.0, 0.25, 2.0]))
+    assert net.weights.tolist() == pytest.approx([1.0, 0.25, 2.0], rel=1e-5)
+    losses = torch.tensor([[2.0, 4.0, 1.0]])  # the combined loss is sum_t w_t L_t with those weights
+    assert net(losses).sum().item() == pytest.approx(2.0 + 1.0 + 2.0, rel=1e-5)
