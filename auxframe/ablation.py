@@ -185,6 +185,39 @@ def ablation_effects(sweep_dir: str | Path, metric: str = "best_test") -> dict[s
     return out
 
 
+#: What ``auxframe sweep --ablate`` writes into the sweep folder beside its summary.
+ABLATION_MD = "ablation.md"
+
+
+def markdown_effects(effects: Mapping[str, Sequence[TaskEffect]], metric: str = "best_test") -> str:
+    """One table per ablation: each task's paired effect on the main task's metric, best first."""
+    reference = {"one-at-a-time": "metric(only-<task>) - metric(main-only)",
+                 "leave-one-out": "metric(all) - metric(without-<task>)"}
+    lines = []
+    for mode, rows in effects.items():
+        lines += [f"## {mode}: {reference[mode]}, {metric}, paired over seeds", "",
+                  "| task | effect (95% CI) | seeds | wins/ties/losses |", "|---|---|---|---|"]
+        for e in rows:
+            ci = f"{e.effect.mean:+.4f}" if e.effect.n < 2 else f"{e.effect.mean:+.4f} [{e.effect.low:+.4f}, {e.effect.high:+.4f}]"
+            lines.append(f"| {e.task} | {ci} | {e.effect.n} | {e.effect.wins}/{e.effect.ties}/{e.effect.losses} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_effects(sweep_dir: str | Path, metric: str = "best_test") -> tuple[Path, str]:
+    """Write the ablations' effects (:func:`ablation_effects`) as ``ablation.md`` into the sweep folder.
+
+    Returns:
+        The file and its text.
+    """
+    text = markdown_effects(ablation_effects(sweep_dir, metric), metric)
+    path = Path(sweep_dir) / ABLATION_MD
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path, text
+
+
 def _metric(metrics: Mapping, name: str) -> float:
     if name == "best_test":
         return float(metrics["best"]["test"])

@@ -83,6 +83,16 @@ def test_effects_are_paired_differences_to_the_reference(tmp_path):
     assert loo["b"].mean == pytest.approx((-0.05 + 0.0 - 0.05) / 3)
 
 
+def test_the_effects_table(tmp_path):
+    sweep = _fake_sweep(tmp_path, {"main-only": [0.80, 0.70, 0.75], "only-a": [0.85, 0.80, 0.75],
+                                   "only-b": [0.70, 0.70, 0.70]})
+    path, text = ablation.write_effects(sweep)
+    assert path.read_text() == text and "leave-one-out" not in text
+    # a: differences 0.05, 0.10, 0.00: mean 0.05, sd 0.05, t(0.975, 2) = 4.3027, half width 0.1242
+    assert "| a | +0.0500 [-0.0742, +0.1742] | 3 | 2/1/0 |" in text
+    assert text.index("| a |") < text.index("| b |")
+
+
 def test_effects_need_an_ablation_sweep(tmp_path):
     with pytest.raises(ConfigError, match="not a sweep directory"):
         ablation.ablation_effects(tmp_path)
@@ -100,3 +110,15 @@ def test_sweep_ablate_lists_the_points(capsys):
     out = capsys.readouterr().out
     assert code == 0 and "tasks=without-adversarial_0,seed=0: TaskGraph.tasks = [@main/Task(), @helpful/Task()" in out
     assert "5 points" in out
+
+
+def test_sweep_ablate_trains_the_points_and_writes_the_effects(tmp_path, capsys):
+    code = cli(["sweep", "--gin", PLANTED[0], "--ablate", "one-at-a-time", "--seeds", "0", "--sweep-dir", str(tmp_path),
+                "--gin-param", "TaskGraph.tasks = [@main/Task(), @helpful/Task(), @noise/Task()]",
+                "--gin-param", "train.steps = 20", "--gin-param", "train.eval_every = 10",
+                "--gin-param", "train.progress = False"])
+    out = capsys.readouterr().out
+    assert code == 0 and "ablation effects:" in out
+    text = (tmp_path / ablation.ABLATION_MD).read_text()
+    assert "## one-at-a-time" in text and "| helpful_0 |" in text and "| noise_0 |" in text
+    assert {e.task for e in ablation.ablation_effects(tmp_path)["one-at-a-time"]} == {"helpful_0", "noise_0"}

@@ -83,7 +83,17 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as stop:
         print(f"auxframe: {stop or 'interrupted'}. Run the same sweep command again to continue.", file=sys.stderr)
         return 130
-    return _print_summary(out)
+    code = _print_summary(out)
+    if args.ablate:
+        from auxframe.ablation import write_effects
+
+        try:
+            path, text = write_effects(sweep_dir)
+        except ConfigError as err:  # no point finished: the summary above says why
+            print(f"no ablation effects: {err}")
+        else:
+            print("\n" + text + f"ablation effects: {path}")
+    return code
 
 
 def _print_summary(out: dict) -> int:
@@ -121,4 +131,14 @@ def _search(args: argparse.Namespace, axes: list) -> int:
     except KeyboardInterrupt as stop:
         print(f"auxframe: {stop or 'interrupted'}. Run the same sweep command again to continue.", file=sys.stderr)
         return 130
-    return _print_summary(out)
+    code = _print_summary(out)
+    if args.ablate:
+        from auxframe.ablation import write_effects
+
+        try:
+            path, text = write_effects(sweep_dir)
+        except ConfigError as err:  # no point finished: the summary above says why
+            print(f"no ablation effects: {err}")
+        else:
+            print("\n" + text + f"ablation effects: {path}")
+    return code
