@@ -131,14 +131,4 @@ def _search(args: argparse.Namespace, axes: list) -> int:
     except KeyboardInterrupt as stop:
         print(f"auxframe: {stop or 'interrupted'}. Run the same sweep command again to continue.", file=sys.stderr)
         return 130
-    code = _print_summary(out)
-    if args.ablate:
-        from auxframe.ablation import write_effects
-
-        try:
-            path, text = write_effects(sweep_dir)
-        except ConfigError as err:  # no point finished: the summary above says why
-            print(f"no ablation effects: {err}")
-        else:
-            print("\n" + text + f"ablation effects: {path}")
-    return code
+    return _print_summary(out)
