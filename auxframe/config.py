@@ -37,6 +37,9 @@ from auxframe.registry import KINDS, plugin_parameters, registry
 
 _REFERENCE = re.compile(r"(?<![\w.])(" + "|".join(KINDS) + r")\.([A-Za-z_]\w*)")
 _INCLUDE = re.compile(r"^\s*include\s+['\"]([^'\"]+)['\"]")
+#: A binding's key by a bare configurable name (``arml.algorithm = ...``, ``scope/arml.x = ...``), as
+#: gin's ``config_str`` writes it (the shortest unambiguous selector) into a run's ``config.gin``.
+_BARE_KEY = re.compile(r"^\s*(?:[\w.]+/)*([A-Za-z_]\w*)\.[A-Za-z_]\w*\s*=")
 
 
 _CONFIG_ROOTS = ("configs", "gin_configs")
@@ -105,8 +108,12 @@ def scan(gin_files: Sequence[str | Path], bindings: Sequence[str]) -> tuple[list
                     )
                 scan_file(inc)
                 continue
+            where = f"{label}:{lineno}" if numbered else label
             for kind, name in _REFERENCE.findall(code):
-                refs.append((kind, name, f"{label}:{lineno}" if numbered else label))
+                refs.append((kind, name, where))
+            bare = _BARE_KEY.match(code)
+            if bare and bare.group(1) not in KINDS:
+                refs.extend((kind, bare.group(1), where) for kind in _kinds_named(bare.group(1)))
 
     def scan_file(path: Path) -> None:
         path = path.resolve()
@@ -123,6 +130,16 @@ def scan(gin_files: Sequence[str | Path], bindings: Sequence[str]) -> tuple[list
     for b in bindings:
         scan_text(b, f"--gin-param {b!r}", numbered=False)
     return refs, paths
+
+
+def _kinds_named(name: str) -> list[str]:
+    """The one plugin kind that has a plugin called ``name`` (from metadata; nothing is imported), or
+    none: a bare ``name.param`` key is that plugin's binding only when the name is unambiguous, as gin
+    wrote it. A run's ``config.gin`` keeps the bindings of a plugin the run replaced (the ARML settings
+    of a recipe run with ``--gin weightings/stl.gin``) by bare name, and nothing else names the plugin
+    for the scan to load; gin would then reject the file it wrote."""
+    kinds = [kind for kind in KINDS if any(p.name == name for p in registry.find(kind))]
+    return kinds if len(kinds) == 1 else []
 
 
 def parse(gin_files: Sequence[str | Path], bindings: Sequence[str] = (), finalize: bool = True) -> None:

@@ -262,12 +262,7 @@ def split_fingerprint(gin_files: list[str | Path], bindings: list[str] = ()) -> 
     import numpy as np
 
     from auxframe import config
-    from auxframe.registry import registry
 
-    # A saved config.gin keeps the bindings of a weighting its recipe included and the run replaced
-    # (S4L's `arml.*` under STL) by their short names, which config.parse's scan does not see as
-    # plugin references: load every weighting so that gin knows them.
-    registry.load_all("weightings")
     config.reset()
     try:
         config.parse(gin_files, bindings)

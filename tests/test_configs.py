@@ -105,3 +105,24 @@ def test_an_include_reads_what_this_parse_finds_not_an_earlier_parse_folder(tmp_
     monkeypatch.chdir(mine)
     config.parse([mine / "exp.gin"], [])
     assert gin.query_parameter("train.steps") == 1_500  # the shipped base/train.gin again
+
+
+def test_a_runs_config_gin_parses_again_with_a_replaced_plugins_bindings(tmp_path):
+    """gin's config_str keys a binding by the shortest unambiguous name (``arml.weight_lr``); a run of
+    an ARML recipe with ``weightings/stl.gin`` on top keeps ARML's bindings so, and nothing in it
+    references ``weightings.arml``. Parsing that config.gin again (``auxframe run --gin RUN/config.gin``)
+    must load ARML from the bare name. A fresh process: in this one ARML is registered already."""
+    import subprocess
+    import sys
+
+    from auxframe import config
+
+    config.parse([GIN / "quickstart.gin", GIN / "weightings/stl.gin"], ["train.steps = 2"])
+    saved = tmp_path / "config.gin"
+    saved.write_text(gin.config_str())
+    assert "\narml.weight_lr = " in "\n" + saved.read_text() and "weightings.arml" not in saved.read_text()
+    code = ("import gin; from auxframe import config; config.parse([r'%s']); "
+            "print(gin.query_parameter('weightings.arml.weight_lr'), gin.query_parameter('train.steps'))") % saved
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [repr(gin.query_parameter("weightings.arml.weight_lr")), "2"]
