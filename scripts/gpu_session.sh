@@ -6,7 +6,7 @@
 #      deterministic resume, compile) is part of it;
 #   2. the benchmarks on a quiet GPU: the real-size ones (bench/real_scale.py: S4L CIFAR-10 and
 #      CelebA 1%, auxframe against a hand-written loop, bf16 against fp32, peak memory per
-#      weighting), then the engine, weighting and AuxiLearn ones;
+#      weighting), and with BENCH the AuxiLearn, engine and weighting ones;
 #   3. with GRID=1 only, the digits results grid of scripts/protocol.py (several more minutes).
 # Everything it writes goes to $OUT: device.txt, suite.txt, bench1.txt (bench0.txt with SUITE=0; and
 # protocol.txt, runs.tar.gz).

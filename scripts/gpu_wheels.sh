@@ -3,8 +3,8 @@
 #
 # That machine has no network and its own image (Python 3.12, its own torch, numpy, scipy,
 # scikit-learn, matplotlib, pytest, ...). What auxframe needs beyond it travels as wheels: gin-config,
-# albumentations, Optuna, W&B, TorchJD with quadprog and cvxpy's solvers (ECOS, Clarabel, OSQP,
-# HiGHS), and what each of them needs that the image lacks. The versions are the ones this
+# albumentations, Optuna, W&B, TorchJD with quadprog and cvxpy's solvers (ECOS for Nash-MTL,
+# Clarabel for CAGrad), and what each of them needs that the image lacks. The versions are the ones this
 # checkout's .venv holds (`pip install -e ".[dev]"`), so the GPU runs the same code as the CPU suite.
 #
 #   bash scripts/gpu_wheels.sh        # then: run(carry=[".whl"], command="OUT=$OUT bash scripts/gpu_session.sh")
@@ -33,13 +33,13 @@ for name in sys.argv[1:]:
         pass
 EOF
 )
-mkdir -p .whl
+# A fresh folder: two versions of one package in it would stop the install on the GPU machine.
+rm -rf .whl && mkdir .whl
 # shellcheck disable=SC2086  # one requirement per word
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
     -d .whl $reqs
 # auxframe's own wheel, for its entry points (the plugins' registry).
-rm -f .whl/auxframe-*.whl
 "$PY" -m pip wheel -q --no-deps -w .whl .
 echo "$(ls .whl | wc -l) wheels in .whl/, $(du -sh .whl | cut -f1)"
